@@ -1,0 +1,133 @@
+// linghe/silu_helpers.cuh: device pieces of the SiLU kernels (silu.cu.j2) other than the
+// quantisation itself (that is block_quant.cuh): tile staging, the gate math, per-row
+// weights, and the expert segments of the batched ops.
+#pragma once
+#include "common.cuh"
+
+// ---- tile staging ---------------------------------------------------------------
+// A 128-row x 128-column tile of one operand lives in shared memory row-major, 128 * BYTES
+// bytes a row. Thread (c, grp) of TileQuant's mapping reads VEC elements of row grp*8+k at
+// column c*VEC: 8, 16 or 32 bytes, and a warp's reads cover whole 128-byte lines (no bank conflicts).
+template <typename E, int VEC> __device__ __forceinline__ void tile_row_f32(const u8* tile, int row, int c, float* out) {
+    constexpr int BYTES = VEC * E::BYTES;
+    static_assert(BYTES == 8 || BYTES == 16 || BYTES == 32, "a thread's slice is 8, 16 or 32 bytes");
+    const u8* p = tile + row * (128 * E::BYTES) + c * BYTES;
+    u32 w[BYTES / 4];
+    if constexpr (BYTES == 8) {
+        const u32 a = (u32)__cvta_generic_to_shared(p);
+        asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(a));
+    } else {
+        #pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            const vec16 v = ld16_shared(p + 16 * i);
+            w[4 * i] = v.w[0]; w[4 * i + 1] = v.w[1]; w[4 * i + 2] = v.w[2]; w[4 * i + 3] = v.w[3];
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < BYTES / 4; ++i) {
+        if constexpr (E::BYTES == 4) {
+            out[i] = __uint_as_float(w[i]);
+        } else {
+            out[2 * i] = E::load((u16)(w[i] & 0xffffu));
+            out[2 * i + 1] = E::load((u16)(w[i] >> 16));
+        }
+    }
+}
+
+// cp.async one 128 x 128 tile of a row-major matrix (row stride ld elements) into `tile`.
+// Rows >= rows_valid are zero-filled and not read (zero decodes to 0.0 in every dtype),
+// as TileQuant::cols requires of the rows past a segment's end.
+template <typename E, int THREADS> __device__ __forceinline__ void stage_tile(
+        u8* tile, const typename E::T* src, i64 ld, int rows_valid, int tid) {
+    constexpr int PIECES = 128 * E::BYTES / 16;   // 16-byte pieces per row
+    #pragma unroll 4
+    for (int p = tid; p < 128 * PIECES; p += THREADS) {
+        const int r = p / PIECES, v = p % PIECES;
+        const bool valid = r < rows_valid;
+        cp_async16(tile + r * (128 * E::BYTES) + v * 16, src + (valid ? r * ld : 0) + v * (16 / E::BYTES), valid);
+    }
+}
+
+// ---- math -------------------------------------------------------------------------
+// sigma(a) with ex2.approx and rcp.approx: a few ulp, far inside the quantisation tolerance,
+// and cheap enough that the kernels stay memory-bound. For a < -88, e^-a = inf and sigma = 0.
+__device__ __forceinline__ float silu_sigmoid(float a) { return __fdividef(1.0f, 1.0f + __expf(-a)); }
+// sigma(a) and 1 - sigma(a) = e^-a * sigma(a), the latter without the cancellation of 1 - sigma
+// for large a (where it is tiny). For a < -88, e^-a = inf and inf * 0 is NaN: fminf picks 1.
+__device__ __forceinline__ void silu_sigmoid2(float a, float& sg, float& one_minus) {
+    const float ex = __expf(-a);
+    sg = __fdividef(1.0f, 1.0f + ex);
+    one_minus = fminf(ex * sg, 1.0f);
+}
+
+// A per-row weight or weight gradient, dtype chosen at run time (0: f32, 1: bf16, 2: f16):
+// one scalar per row, so a branch costs nothing and saves specialisations.
+__device__ __forceinline__ float load_weight(const void* w, i64 i, int kind) {
+    if (kind == 0) return ((const float*)w)[i];
+    const u16 v = ((const u16*)w)[i];
+    return kind == 1 ? bf16_to_f32(v) : f16_to_f32(v);
+}
+__device__ __forceinline__ void store_weight(void* w, i64 i, float v, int kind) {
+    if (kind == 0) ((float*)w)[i] = v;
+    else ((u16*)w)[i] = kind == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+}
+
+// ---- expert segments ----------------------------------------------------------------
+// Expert e owns rows [seg[e], seg[e+1]) of x and row tiles [tile[e], tile[e+1]) of the
+// work list: exclusive prefix sums of counts[e] and cdiv(counts[e], 128), built once per
+// (persistent) CTA in shared memory from the device counts (int32 or int64): no host sync.
+__device__ __forceinline__ i64 shfl_up_i64(i64 v, int off) {
+    const int lo = __shfl_up_sync(0xffffffffu, (int)(u32)(u64)v, off);
+    const int hi = __shfl_up_sync(0xffffffffu, (int)((u64)v >> 32), off);
+    return (i64)(((u64)(u32)hi << 32) | (u64)(u32)lo);
+}
+__device__ __forceinline__ i64 shfl_idx_i64(i64 v, int src) {
+    const int lo = __shfl_sync(0xffffffffu, (int)(u32)(u64)v, src);
+    const int hi = __shfl_sync(0xffffffffu, (int)((u64)v >> 32), src);
+    return (i64)(((u64)(u32)hi << 32) | (u64)(u32)lo);
+}
+
+// Called by every thread of the CTA (it synchronises). The counts are read once into seg[]
+// (all loads in flight together), then one warp turns them into prefix sums, 32 at a time.
+__device__ void build_segments(const void* counts, int cbytes, int E, i64* seg, int* tile) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const i64 v = cbytes == 8 ? ((const i64*)counts)[e] : (i64)((const int*)counts)[e];
+        seg[e] = v > 0 ? v : 0;   // negative counts are invalid input: treat as empty, never index with them
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        i64 row_base = 0;
+        int tile_base = 0;
+        #pragma unroll 1
+        for (int base = 0; base < E; base += 32) {
+            const int e = base + lane;
+            const i64 rows = e < E ? seg[e] : 0;
+            const int tiles = (int)((rows + 127) >> 7);
+            i64 rows_incl = rows;
+            int tiles_incl = tiles;
+            #pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const i64 r = shfl_up_i64(rows_incl, off);
+                const int n = __shfl_up_sync(0xffffffffu, tiles_incl, off);
+                if (lane >= off) { rows_incl += r; tiles_incl += n; }
+            }
+            if (e < E) { seg[e] = row_base + rows_incl - rows; tile[e] = tile_base + tiles_incl - tiles; }
+            row_base += shfl_idx_i64(rows_incl, 31);
+            tile_base += __shfl_sync(0xffffffffu, tiles_incl, 31);
+        }
+        if (lane == 0) { seg[E] = row_base; tile[E] = tile_base; }
+    }
+    __syncthreads();
+}
+
+// The expert of row tile t: the largest e < E with tile[e] <= t (so empty experts, whose
+// tile range is empty, are skipped). E >= 1 and tile[0] = 0 <= t.
+__device__ __forceinline__ int find_expert(const int* tile, int E, i64 t) {
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}

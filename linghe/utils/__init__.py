@@ -1,0 +1,1 @@
+"""The documented functional entry points (SPEC.md §1): norm, gather, scatter, silu, reduce."""
