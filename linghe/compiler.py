@@ -164,17 +164,19 @@ def compile_cubin(name: str, source: str, headers: dict[str, str], options: list
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         err, size = nvrtc.nvrtcGetProgramLogSize(prog)
         _check(err, "nvrtcGetProgramLogSize")
-        raw = b" " * size
+        # Writable buffers: NVRTC writes into them (never into an immutable, possibly shared bytes object).
+        raw = bytearray(size)
         (err,) = nvrtc.nvrtcGetProgramLog(prog, raw)
-        log = raw.rstrip(b"\x00").decode(errors="replace")
+        log = bytes(raw).rstrip(b"\x00").decode(errors="replace")
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             path = save_failed_source(source) if save_failed_source else None
             raise CompileError(name, log, error_excerpt(log, source, headers), path)
         err, size = nvrtc.nvrtcGetCUBINSize(prog)
         _check(err, "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        buffer = bytearray(size)
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, buffer)
         _check(err, "nvrtcGetCUBIN")
+        cubin = bytes(buffer)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return CompileResult(cubin, log, (time.perf_counter() - start) * 1000.0)

@@ -72,11 +72,11 @@ def test_template_table_size_matches_host():
             (status,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
             assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS
             err, size = nvrtc.nvrtcGetPTXSize(prog)
-            ptx = b" " * size
+            ptx = bytearray(size)  # writable: never let NVRTC write into an immutable bytes object
             nvrtc.nvrtcGetPTX(prog, ptx)
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
-        ptx = ptx.decode(errors="replace")
+        ptx = bytes(ptx).decode(errors="replace")
         assert f".param .align 8 .b8 linghe_batch_reduce_param_0[{ctypes.sizeof(R.TABLES[cap])}]" in ptx
         assert ".local" not in ptx  # the table is read in place (constant bank), never copied per thread
 

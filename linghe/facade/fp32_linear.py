@@ -34,14 +34,14 @@ GEMM_MMA = Kernel(
     op="fp32_gemm_mma",
     template="fp32_gemm.cu.j2",
     entry="linghe_fp32_gemm_mma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "BM", "BN", "BK", "WM", "WN", "STAGES"),
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "BK", "WM", "WN", "STAGES"),
     arg_types=_GEMM_ARGS,
 )
 GEMM_WGMMA = Kernel(
     op="fp32_gemm_wgmma",
     template="fp32_gemm_wgmma.cu.j2",
     entry="linghe_fp32_gemm_wgmma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "BM", "BN", "STAGES"),
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "STAGES"),
     arg_types=_GEMM_ARGS,
 )
 SPLIT = Kernel(
@@ -91,8 +91,11 @@ def _warps(bm: int, bn: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def tile_config(impl: str, kind: str, n_experts: int, dim: int) -> dict:
-    """Tile constants of one GEMM for a model's (n_experts, dim); token counts stay run-time."""
+def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> dict:
+    """Tile constants of one GEMM for a model's (n_experts, dim); token counts stay run-time.
+
+    ``ap``: A parts per pipeline stage (2 for the hi + lo split of grad_output against a bf16 operand).
+    """
     if kind == "fwd":
         gm, gn = None, n_experts
     elif kind == "dx":
@@ -102,23 +105,26 @@ def tile_config(impl: str, kind: str, n_experts: int, dim: int) -> dict:
     a_k, b_k = LAYOUTS[kind]
     if impl == "wgmma":
         bm = 128 if gm is None or gm > 64 else 64
-        # An N-major B tile is made of 64-wide swizzle atoms; a K-major one of 8-row groups.
-        bn = _pow2(gn, 16, 128) if b_k else (128 if gn > 64 else 64)
-        stage = (bm + bn) * 64 * 2
+        # An N-major B tile is made of 64-wide swizzle atoms; a K-major one of 8-row groups. The
+        # forward keeps 128 x 128 tiles (8192 tokens x 256 experts is one wave of them); the
+        # gradients' wide N (dim) takes 128 x 256: half the operand traffic per product.
+        bn = _pow2(gn, 16, 128) if b_k else (256 if gn >= 256 else (128 if gn > 64 else 64))
+        stage = (ap * bm + bn) * 64 * 2
         stages = max(3, min(6, _WGMMA_SMEM // stage))
-        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, BM=bm, BN=bn, STAGES=stages)
+        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, STAGES=stages)
     bm = 128 if gm is None else _pow2(gm, 16, 128)
     bn = _pow2(gn, 16, 128)
     wm, wn = _warps(bm, bn)
-    return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, BM=bm, BN=bn, BK=32, WM=wm, WN=wn, STAGES=4)
+    # <= 99 KiB of shared memory: also fits sm_86/sm_89
+    return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, BK=32, WM=wm, WN=wn, STAGES=4 if ap == 1 else 3)
 
 
 def smem_bytes(impl: str, c: dict) -> int:
     if impl == "wgmma":
-        return c["STAGES"] * (c["BM"] + c["BN"]) * 64 * 2 + 1024
+        return c["STAGES"] * (c["AP"] * c["BM"] + c["BN"]) * 64 * 2 + 1024  # + slack for 1 KiB alignment
     a = (c["BM"] * (c["BK"] + 8)) if c["A_KMAJOR"] else (c["BK"] * (c["BM"] + 8))
     b = (c["BN"] * (c["BK"] + 8)) if c["B_KMAJOR"] else (c["BK"] * (c["BN"] + 8))
-    return c["STAGES"] * (a + b) * 2
+    return c["STAGES"] * (c["AP"] * a + b) * 2
 
 
 def threads(impl: str, c: dict) -> int:
@@ -205,18 +211,18 @@ def _passes(a: _Operand, b: _Operand) -> tuple[list, int]:
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _plan(impl, kind, mma, out_tag, vec, n_experts, dim, device):
+def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
     """(launcher, k-step, shared bytes, threads, BM, BN) of one GEMM specialisation (cached)."""
-    key = (impl, kind, mma, out_tag, vec, n_experts, dim, device.index)
+    key = (impl, kind, mma, out_tag, vec, ap, n_experts, dim, device.index)
     plan = _PLANS.get(key)
     if plan is None:
-        c = tile_config(impl, kind, n_experts, dim)
+        c = tile_config(impl, kind, n_experts, dim, ap)
         if impl == "wgmma":
-            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, c["BM"], c["BN"],
-                                         c["STAGES"])
+            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
+                                         c["BN"], c["STAGES"])
         else:
-            launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, c["BM"], c["BN"],
-                                       c["BK"], c["WM"], c["WN"], c["STAGES"])
+            launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
+                                       c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"])
         smem = smem_bytes(impl, c)
         launch.set_dynamic_smem(smem)
         plan = _PLANS[key] = (launch, 64 if impl == "wgmma" else c["BK"], smem, threads(impl, c), c["BM"], c["BN"])
@@ -227,10 +233,14 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, out, device, split
     """C[M, N] (out, or fp32 partials [splits, M, N]) = sum over the part pairs of A_i . B_j^T."""
     n_experts, dim = {"fwd": (N, K), "dx": (K, N), "dw": (M, N)}[kind]
     vec = a.ld % 8 == 0 and b.ld % 8 == 0
-    launch, bk, smem, nthreads, bm, bn = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, n_experts, dim, device)
+    pairs, code = _passes(a, b)
+    ap = 1
+    if pairs == [(0, 0), (1, 0)]:  # hi.B + lo.B: both A parts in every stage, one pass
+        ap, pairs, code = 2, [(0, 0)], 0
+    launch, bk, smem, nthreads, bm, bn = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, ap, n_experts, dim,
+                                               device)
     if k_chunk is None:
         k_chunk = V.cdiv(K, bk)
-    pairs, code = _passes(a, b)
     ap = [t.data_ptr() for t in a.parts] + [0] * (3 - len(a.parts))
     bp = [t.data_ptr() for t in b.parts] + [0] * (3 - len(b.parts))
     tiles = V.cdiv(M, bm) * V.cdiv(N, bn)
@@ -244,7 +254,7 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, out, device, split
 
 def _dw_splits(impl, n_experts, dim, tokens, device) -> tuple[int, int]:
     """(splits, k-steps per split) for d_weight: enough CTAs for one wave, >= 8 k-steps each."""
-    c = tile_config(impl, "dw", n_experts, dim)
+    c = tile_config(impl, "dw", n_experts, dim, 1)  # BM, BN and BK do not depend on AP
     bk = 64 if impl == "wgmma" else c["BK"]
     _, sms = _device_info(device)
     per_sm = 1 if impl == "wgmma" else 2
@@ -366,8 +376,8 @@ class FusedFp32GEMM(torch.autograd.Function):
                                   need_weight_grad=need_weight)
 
 
-def _gemm_specs(impl, kind, n_experts, dim, mma, out):
-    c = dict(tile_config(impl, kind, n_experts, dim))
+def _gemm_specs(impl, kind, n_experts, dim, mma, out, ap=1):
+    c = dict(tile_config(impl, kind, n_experts, dim, ap))
     kernel = GEMM_WGMMA if impl == "wgmma" else GEMM_MMA
     return kernel, dict(c, MMA=mma, OUT=out, VEC=True)
 
@@ -379,9 +389,10 @@ def _prewarm(preset):
     mma = "f16" if act == "f16" else "bf16"
     for impl in IMPLS:  # the wgmma kernel builds as a stub off sm_90a
         yield _gemm_specs(impl, "fwd", e, d, mma, "f32")
-        yield _gemm_specs(impl, "dx", e, d, "bf16", act)
-        yield _gemm_specs(impl, "dw", e, d, "bf16", "f32")  # split-K partials
-        yield _gemm_specs(impl, "dw", e, d, "bf16", act)    # one split (few tokens)
+        # the gradients of an fp32 grad_output, split hi + lo: two A parts a stage
+        yield _gemm_specs(impl, "dx", e, d, "bf16", act, ap=2)
+        yield _gemm_specs(impl, "dw", e, d, "bf16", "f32", ap=2)  # split-K partials
+        yield _gemm_specs(impl, "dw", e, d, "bf16", act, ap=2)    # one split (few tokens)
     yield SPLIT, dict(IN="f32", PARTS=2, CONTIG=True)  # grad_output
     if act == "f16":
         yield SPLIT, dict(IN="f16", PARTS=2, CONTIG=True)

@@ -128,6 +128,8 @@ def _check_inputs(qkv, q_norm_weight, k_norm_weight, freqs, H, h, vec_bytes, gra
     V.tensor("freqs", freqs, dtypes=(torch.float32,), ndim=2)
     H, h = _heads(H, h)
     S, B, dim = qkv.shape
+    if S * B >= 2**31:  # the kernels index tokens with 32-bit grid coordinates
+        raise ValueError(f"qkv has S*B = {S * B} tokens; at most 2**31 - 1 are supported")
     slots = H + 2 * h
     if dim % slots or dim == 0:
         raise ValueError(f"qkv.shape[2] (dim = {dim}) must equal (H + 2*h) * head_dim = {slots} * head_dim "
@@ -151,6 +153,9 @@ def _vector_ready(x: torch.Tensor, vec: int):
     Honours any strides whose last one is 1 (e.g. qkv a column slice of a wider tensor, or transposed
     gradients); copies only when the last dim is not dense or a vector would be misaligned.
     """
+    if x.is_contiguous() and x.data_ptr() % 16 == 0:  # the common case, cheaply
+        return x, x.stride()
+
     def strides(t):
         return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
 
@@ -200,8 +205,6 @@ def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=
     tokens = S * B
     if tokens == 0:
         return q, k, v
-    if tokens >= 2**31:
-        raise ValueError(f"qkv has {tokens} tokens (S*B); at most 2**31 - 1 are supported")
     x, st = _vector_ready(qkv, plan["VEC"])
     qw, kw, f = q_norm_weight.contiguous(), k_norm_weight.contiguous(), freqs.contiguous()
     tag = V.DTYPE_TAG
