@@ -192,27 +192,39 @@ def _operand(t: torch.Tensor, mma: str, device, max_parts: int = 3) -> _Operand:
 
 
 def _passes(a: _Operand, b: _Operand) -> tuple[list, int]:
-    """Part pairs (i, j) to accumulate, and their code for the kernel (4 bits a pass: i | j << 2).
+    """Part pairs (i, j) to accumulate, and their code for the kernel (4 bits a pass: i | j << 2)."""
+    return _pairs(len(a.parts), a.exact, len(b.parts), b.exact)
 
-    Part i is about 2^-8i of the value, so products with i + j > 2 are below fp32 resolution; when
-    an operand was cut short (``exact`` False, n parts), terms below its own error 2^-8n are dropped too.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _pairs(na: int, a_exact: bool, nb: int, b_exact: bool) -> tuple[list, int]:
+    """Part i is about 2^-8i of the value, so products with i + j > 2 are below fp32 resolution; when
+    an operand was cut short (not exact, n parts), terms below its own error 2^-8n are dropped too."""
     limit = 2
-    for op in (a, b):
-        if not op.exact:
-            limit = min(limit, len(op.parts) - 1)
-    pairs = [(i, j) for s in range(limit + 1) for i in range(len(a.parts)) for j in range(len(b.parts)) if i + j == s]
+    for n, exact in ((na, a_exact), (nb, b_exact)):
+        if not exact:
+            limit = min(limit, n - 1)
+    pairs = [(i, j) for s in range(limit + 1) for i in range(na) for j in range(nb) if i + j == s]
     code = 0
     for p, (i, j) in enumerate(pairs):
         code |= (i | j << 2) << (4 * p)
     return pairs, code
 
 
+@functools.lru_cache(maxsize=None)
+def _schedule(na: int, a_exact: bool, nb: int, b_exact: bool) -> tuple[int, int, int]:
+    """(A parts a stage, passes, pass code): hi.B + lo.B runs as one pass with both A parts a stage."""
+    pairs, code = _pairs(na, a_exact, nb, b_exact)
+    if pairs == [(0, 0), (1, 0)]:
+        return 2, 1, 0
+    return 1, len(pairs), code
+
+
 _PLANS: dict[tuple, tuple] = {}
 
 
 def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
-    """(launcher, k-step, shared bytes, threads, BM, BN) of one GEMM specialisation (cached)."""
+    """(launcher, k-step, shared bytes, threads, BM, BN, resident CTAs) of one GEMM specialisation (cached)."""
     key = (impl, kind, mma, out_tag, vec, ap, n_experts, dim, device.index)
     plan = _PLANS.get(key)
     if plan is None:
@@ -225,31 +237,30 @@ def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
                                        c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"])
         smem = smem_bytes(impl, c)
         launch.set_dynamic_smem(smem)
-        plan = _PLANS[key] = (launch, 64 if impl == "wgmma" else c["BK"], smem, threads(impl, c), c["BM"], c["BN"])
+        nthreads = threads(impl, c)
+        _, sms = _device_info(device)
+        resident = sms * (1 if impl == "wgmma" else 2 * (128 // nthreads))
+        plan = _PLANS[key] = (launch, 64 if impl == "wgmma" else c["BK"], smem, nthreads, c["BM"], c["BN"], resident)
     return plan
 
 
-def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, out, device, splits=1, k_chunk=None):
+def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, out, device, splits=1,
+          k_chunk=None):
     """C[M, N] (out, or fp32 partials [splits, M, N]) = sum over the part pairs of A_i . B_j^T."""
-    n_experts, dim = {"fwd": (N, K), "dx": (K, N), "dw": (M, N)}[kind]
     vec = a.ld % 8 == 0 and b.ld % 8 == 0
-    pairs, code = _passes(a, b)
-    ap = 1
-    if pairs == [(0, 0), (1, 0)]:  # hi.B + lo.B: both A parts in every stage, one pass
-        ap, pairs, code = 2, [(0, 0)], 0
-    launch, bk, smem, nthreads, bm, bn = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, ap, n_experts, dim,
-                                               device)
+    ap, npass, code = _schedule(len(a.parts), a.exact, len(b.parts), b.exact)
+    launch, bk, smem, nthreads, bm, bn, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, ap, n_experts,
+                                                       dim, device)
     if k_chunk is None:
-        k_chunk = V.cdiv(K, bk)
-    ap = [t.data_ptr() for t in a.parts] + [0] * (3 - len(a.parts))
-    bp = [t.data_ptr() for t in b.parts] + [0] * (3 - len(b.parts))
-    tiles = V.cdiv(M, bm) * V.cdiv(N, bn)
+        k_chunk = -(-K // bk)
+    pa, pb = a.parts, b.parts
+    a0, a1, a2 = (t.data_ptr() for t in (pa + [pa[0]] * 2)[:3])  # unused parts: any valid pointer
+    b0, b1, b2 = (t.data_ptr() for t in (pb + [pb[0]] * 2)[:3])
+    tiles = -(-M // bm) * -(-N // bn)
     # Persistent CTAs: at most one resident wave, each walking tiles x, x + grid, ... with one pipeline.
-    _, sms = _device_info(device)
-    per_sm = 1 if impl == "wgmma" else 2 * (128 // nthreads)
-    grid = min(tiles, max(1, sms * per_sm // splits))
+    grid = min(tiles, max(1, resident // splits))
     launch((grid, 1, splits), (nthreads, 1, 1),
-           (*ap, *bp, out.data_ptr(), len(pairs), code, M, N, K, a.ld, b.ld, N, k_chunk, M * N), smem=smem)
+           (a0, a1, a2, b0, b1, b2, out.data_ptr(), npass, code, M, N, K, a.ld, b.ld, N, k_chunk, M * N), smem=smem)
 
 
 def _dw_splits(impl, n_experts, dim, tokens, device) -> tuple[int, int]:
@@ -294,7 +305,8 @@ def fp32_gemm_forward(input: torch.Tensor, weight: torch.Tensor, impl: str | Non
     if M == 0:
         return out
     mma = _mma_tag(input.dtype, weight.dtype)
-    _gemm(impl, "fwd", mma, _operand(x, mma, device), _operand(weight, mma, device), M, n_experts, dim, out, device)
+    _gemm(impl, "fwd", mma, _operand(x, mma, device), _operand(weight, mma, device), M, n_experts, dim, n_experts, dim,
+          out, device)
     return out
 
 
@@ -337,17 +349,19 @@ def fp32_gemm_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: t
 
     if need_input_grad:
         mma = _mma_tag(g.dtype, weight.dtype)
-        _gemm(impl, "dx", mma, grad(mma), _operand(weight, mma, device), M, dim, n_experts, dx, device)
+        _gemm(impl, "dx", mma, grad(mma), _operand(weight, mma, device), M, dim, n_experts, n_experts, dim, dx,
+              device)
     if need_weight_grad:
         x = input.reshape(M, dim)
         mma = _mma_tag(g.dtype, x.dtype)
         ga, xb = grad(mma), _operand(x, mma, device)
         splits, chunk = _dw_splits(impl, n_experts, dim, M, device)
         if splits == 1:
-            _gemm(impl, "dw", mma, ga, xb, n_experts, dim, M, dw, device)
+            _gemm(impl, "dw", mma, ga, xb, n_experts, dim, M, n_experts, dim, dw, device)
         else:
             part = torch.empty((splits, n_experts, dim), dtype=torch.float32, device=device)
-            _gemm(impl, "dw", mma, ga, xb, n_experts, dim, M, part, device, splits=splits, k_chunk=chunk)
+            _gemm(impl, "dw", mma, ga, xb, n_experts, dim, M, n_experts, dim, part, device, splits=splits,
+                  k_chunk=chunk)
             numel = n_experts * dim
             REDUCE.launcher(device, V.DTYPE_TAG[dw.dtype])((V.cdiv(numel, 1024), 1, 1), (256, 1, 1),
                                                            (part.data_ptr(), dw.data_ptr(), numel, splits))
