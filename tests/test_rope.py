@@ -253,14 +253,12 @@ def _freqs(S, D, duplicated, device="cuda", base=10000.0):
     return ((torch.rand(S, D // 2, generator=g) * 2 - 1) * 3 * math.pi * max(S, 1)).to(device)
 
 
-def _inputs(S, B, H, h, D, dtype=torch.bfloat16, wdtype=torch.bfloat16, duplicated=True, seed=0, wide=0):
+def _inputs(S, B, H, h, D, dtype=torch.bfloat16, wdtype=torch.bfloat16, duplicated=True, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     dim = (H + 2 * h) * D
-    # Head magnitudes differ so the norm matters; wide > 0 makes qkv a column slice of a wider tensor.
-    width = dim + wide
-    scale = torch.rand(S, B, -(-width // D), device="cuda", generator=g) * 3 + 0.1
-    x = torch.randn(S, B, width, device="cuda", generator=g) * scale.repeat_interleave(D, -1)[..., :width]
-    qkv = x.to(dtype)[..., :dim] if wide else x.to(dtype)
+    # Head magnitudes differ so the norm matters.
+    scale = torch.rand(S, B, H + 2 * h, 1, device="cuda", generator=g) * 3 + 0.1
+    qkv = (torch.randn(S, B, H + 2 * h, D, device="cuda", generator=g) * scale).reshape(S, B, dim).to(dtype)
     qw = (1 + 0.5 * torch.randn(D, device="cuda", generator=g)).to(wdtype)
     kw = (1 + 0.5 * torch.randn(D, device="cuda", generator=g)).to(wdtype)
     return qkv, qw, kw, _freqs(S, D, duplicated)
@@ -275,6 +273,7 @@ def _check_forward(outs, qkv, qw, kw, f, H, h, eps):
     S, B, dim = qkv.shape
     D = dim // (H + 2 * h)
     rq, rk, rv = ref_qk_norm_half_rope(qkv, qw, kw, f, H, h, eps)
+    outs = [o.detach() for o in outs]
     for name, got, want, heads in (("q", outs[0], rq, H), ("k", outs[1], rk, h), ("v", outs[2], rv, h)):
         assert got.shape == (B, S, heads, D) and got.is_contiguous() and got.dtype == qkv.dtype, name
         assert got.device == qkv.device

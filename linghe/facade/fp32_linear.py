@@ -15,9 +15,12 @@ fp32-level gradients) at twice the tensor-core work of a plain bf16 GEMM; ``spli
 it to bf16 instead (one pass, 2^-8 relative per element: what a bf16 GEMM of the rounded gradient
 gives).
 
-Kernels: ``fp32_gemm_wgmma`` (sm_90a, warpgroup MMA) and ``fp32_gemm_mma`` (mma.sync, sm_80 and
-later); ``d_weight`` reduces over all tokens with a split-K grid whose fp32 partials are summed in
-a fixed order by ``fp32_gemm_reduce`` (deterministic).
+Kernels: ``fp32_gemm_wgmma`` (sm_90a, warpgroup MMA, both operands from 128B-swizzled shared
+memory) and ``fp32_gemm_mma`` (mma.sync + ldmatrix, sm_80 and later), one template for the three
+GEMMs (operand layouts are constants), persistent CTAs with a multi-stage cp.async pipeline, tiles
+chosen per specialisation (``tile_config``). With two A parts and one B part (hi.B + lo.B) a stage
+holds both A parts and B once. ``d_weight`` reduces over all tokens with a split-K grid whose fp32
+partials ``fp32_gemm_reduce`` sums in a fixed order (deterministic).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ GEMM_WGMMA = Kernel(
     op="fp32_gemm_wgmma",
     template="fp32_gemm_wgmma.cu.j2",
     entry="linghe_fp32_gemm_wgmma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "STAGES"),
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "BK", "STAGES"),
     arg_types=_GEMM_ARGS,
 )
 SPLIT = Kernel(
@@ -66,6 +69,9 @@ REDUCE = Kernel(
 LAYOUTS = {"fwd": (True, True), "dx": (True, False), "dw": (False, False)}
 IMPLS = ("wgmma", "mma")
 _WGMMA_SMEM = 200 * 1024  # pipeline budget per CTA on sm_90 (227 KiB available)
+# FusedFp32GEMM.backward splits an fp32 grad_output into bf16 hi + lo (fp32-level gradients, twice
+# the tensor-core work); False rounds it to bf16 (one pass, bf16-level).
+SPLIT_GRAD_OUTPUT = True
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -109,9 +115,12 @@ def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> 
         # forward keeps 128 x 128 tiles (8192 tokens x 256 experts is one wave of them); the
         # gradients' wide N (dim) takes 128 x 256: half the operand traffic per product.
         bn = _pow2(gn, 16, 128) if b_k else (256 if gn >= 256 else (128 if gn > 64 else 64))
-        stage = (ap * bm + bn) * 64 * 2
+        # A K-major row is one 64-wide swizzle atom; all-MN-major tiles (d_weight) take k steps of 32,
+        # so that more (smaller) stages fit: a deeper prefetch for its long token loop.
+        bk = 64 if (a_k or b_k) else 32
+        stage = (ap * bm + bn) * bk * 2
         stages = max(3, min(6, _WGMMA_SMEM // stage))
-        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, STAGES=stages)
+        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, BK=bk, STAGES=stages)
     bm = 128 if gm is None else _pow2(gm, 16, 128)
     bn = _pow2(gn, 16, 128)
     wm, wn = _warps(bm, bn)
@@ -121,7 +130,7 @@ def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> 
 
 def smem_bytes(impl: str, c: dict) -> int:
     if impl == "wgmma":
-        return c["STAGES"] * (c["AP"] * c["BM"] + c["BN"]) * 64 * 2 + 1024  # + slack for 1 KiB alignment
+        return c["STAGES"] * (c["AP"] * c["BM"] + c["BN"]) * c["BK"] * 2 + 1024  # + slack for 1 KiB alignment
     a = (c["BM"] * (c["BK"] + 8)) if c["A_KMAJOR"] else (c["BK"] * (c["BM"] + 8))
     b = (c["BN"] * (c["BK"] + 8)) if c["B_KMAJOR"] else (c["BK"] * (c["BN"] + 8))
     return c["STAGES"] * (c["AP"] * a + b) * 2
@@ -231,7 +240,7 @@ def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
         c = tile_config(impl, kind, n_experts, dim, ap)
         if impl == "wgmma":
             launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
-                                         c["BN"], c["STAGES"])
+                                         c["BN"], c["BK"], c["STAGES"])
         else:
             launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
                                        c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"])
@@ -240,7 +249,7 @@ def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
         nthreads = threads(impl, c)
         _, sms = _device_info(device)
         resident = sms * (1 if impl == "wgmma" else 2 * (128 // nthreads))
-        plan = _PLANS[key] = (launch, 64 if impl == "wgmma" else c["BK"], smem, nthreads, c["BM"], c["BN"], resident)
+        plan = _PLANS[key] = (launch, c["BK"], smem, nthreads, c["BM"], c["BN"], resident)
     return plan
 
 
@@ -266,7 +275,7 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, ou
 def _dw_splits(impl, n_experts, dim, tokens, device) -> tuple[int, int]:
     """(splits, k-steps per split) for d_weight: enough CTAs for one wave, >= 8 k-steps each."""
     c = tile_config(impl, "dw", n_experts, dim, 1)  # BM, BN and BK do not depend on AP
-    bk = 64 if impl == "wgmma" else c["BK"]
+    bk = c["BK"]
     _, sms = _device_info(device)
     per_sm = 1 if impl == "wgmma" else 2
     tiles = V.cdiv(n_experts, c["BM"]) * V.cdiv(dim, c["BN"])
@@ -387,7 +396,7 @@ class FusedFp32GEMM(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         need_input, need_weight = ctx.needs_input_grad[:2]
         return fp32_gemm_backward(grad_output, input, weight, need_input_grad=need_input,
-                                  need_weight_grad=need_weight)
+                                  need_weight_grad=need_weight, split=SPLIT_GRAD_OUTPUT)
 
 
 def _gemm_specs(impl, kind, n_experts, dim, mma, out, ap=1):

@@ -10,3 +10,4 @@ from .loss import ref_cross_entropy, ref_cross_entropy_grad  # noqa: F401
 from .norm_gate import ref_group_norm_gate, ref_group_norm_gate_backward  # noqa: F401
 from .reduce import ref_batch_count_zero, ref_batch_sum_with_ord  # noqa: F401
 from .silu import ref_batch_silu_bwd, ref_batch_silu_fwd, ref_silu_bwd, ref_silu_fwd  # noqa: F401
+from .rope import ref_qk_norm_half_rope, ref_qk_norm_half_rope_backward  # noqa: F401
