@@ -36,9 +36,9 @@ def test_prewarm_specs_compile(tmp_path, arch):
 
 
 @pytest.mark.parametrize("kernel, constants", [
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", VEC=False)),
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", VEC=False)),
-    (G.GEMM_MMA, dict(G.tile_config("mma", "dw", 16, 16), MMA="f16", OUT="f32", VEC=False)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", VEC=False, EVEN=False)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", VEC=False, EVEN=True)),
+    (G.GEMM_MMA, dict(G.tile_config("mma", "dw", 16, 16), MMA="f16", OUT="f32", VEC=False, EVEN=False)),
     (G.SPLIT, dict(IN="f32", PARTS=3, CONTIG=False)),
     (G.SPLIT, dict(IN="f16", PARTS=1, CONTIG=True)),
     (G.REDUCE, dict(OUT="f32")),
@@ -50,7 +50,7 @@ def test_other_specs_compile(tmp_path, kernel, constants):
 
 def test_wgmma_kernel_renders_the_warpgroup_mma():
     c = G.tile_config("wgmma", "dx", 256, 2048, 2)
-    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", VEC=True))
+    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", VEC=True, EVEN=True))
     assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in src
     assert "p, 1, 1, 0, 1;" in src  # A K-major, B N-major (transposed)
 

@@ -37,14 +37,14 @@ GEMM_MMA = Kernel(
     op="fp32_gemm_mma",
     template="fp32_gemm.cu.j2",
     entry="linghe_fp32_gemm_mma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "BK", "WM", "WN", "STAGES"),
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "EVEN", "AP", "BM", "BN", "BK", "WM", "WN", "STAGES"),
     arg_types=_GEMM_ARGS,
 )
 GEMM_WGMMA = Kernel(
     op="fp32_gemm_wgmma",
     template="fp32_gemm_wgmma.cu.j2",
     entry="linghe_fp32_gemm_wgmma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "AP", "BM", "BN", "BK", "STAGES"),
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "EVEN", "AP", "BM", "BN", "BK", "STAGES"),
     arg_types=_GEMM_ARGS,
 )
 SPLIT = Kernel(
@@ -232,17 +232,17 @@ def _schedule(na: int, a_exact: bool, nb: int, b_exact: bool) -> tuple[int, int,
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _plan(impl, kind, mma, out_tag, vec, ap, n_experts, dim, device):
+def _plan(impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device):
     """(launcher, k-step, shared bytes, threads, BM, BN, resident CTAs) of one GEMM specialisation (cached)."""
-    key = (impl, kind, mma, out_tag, vec, ap, n_experts, dim, device.index)
+    key = (impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device.index)
     plan = _PLANS.get(key)
     if plan is None:
         c = tile_config(impl, kind, n_experts, dim, ap)
         if impl == "wgmma":
-            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
+            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, even, ap, c["BM"],
                                          c["BN"], c["BK"], c["STAGES"])
         else:
-            launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, ap, c["BM"],
+            launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, even, ap, c["BM"],
                                        c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"])
         smem = smem_bytes(impl, c)
         launch.set_dynamic_smem(smem)
@@ -258,8 +258,8 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, ou
     """C[M, N] (out, or fp32 partials [splits, M, N]) = sum over the part pairs of A_i . B_j^T."""
     vec = a.ld % 8 == 0 and b.ld % 8 == 0
     ap, npass, code = _schedule(len(a.parts), a.exact, len(b.parts), b.exact)
-    launch, bk, smem, nthreads, bm, bn, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, ap, n_experts,
-                                                       dim, device)
+    launch, bk, smem, nthreads, bm, bn, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, N % 2 == 0, ap,
+                                                         n_experts, dim, device)
     if k_chunk is None:
         k_chunk = -(-K // bk)
     pa, pb = a.parts, b.parts
@@ -402,7 +402,7 @@ class FusedFp32GEMM(torch.autograd.Function):
 def _gemm_specs(impl, kind, n_experts, dim, mma, out, ap=1):
     c = dict(tile_config(impl, kind, n_experts, dim, ap))
     kernel = GEMM_WGMMA if impl == "wgmma" else GEMM_MMA
-    return kernel, dict(c, MMA=mma, OUT=out, VEC=True)
+    return kernel, dict(c, MMA=mma, OUT=out, VEC=True, EVEN=True)
 
 
 @register_prewarm("fp32_gemm")

@@ -111,21 +111,33 @@ template <int MN> __device__ __forceinline__ u32 sw128_mnmajor(int r, int j) {
 }
 
 // ---- epilogue ---------------------------------------------------------------------
-// Store C[row, col] = v0 and C[row, col + 1] = v1 (col is even), masked to [0, M) x [0, N).
-template <typename O>
-__device__ __forceinline__ void gemm_store_pair(typename O::T* __restrict__ c, i64 ldc, i64 row, i64 col, i64 M, i64 N,
-                                           float v0, float v1) {
-    if (row >= M || col >= N) return;
-    typename O::T* p = c + row * ldc + col;
-    if (col + 1 < N && (ldc & 1) == 0) {
-        if constexpr (O::BYTES == 4) {
-            asm volatile("st.global.v2.f32 [%0], {%1,%2};\n" :: "l"(p), "f"(v0), "f"(v1) : "memory");
-        } else {
-            const u32 packed = (u32)O::store(v0) | ((u32)O::store(v1) << 16);
-            asm volatile("st.global.u32 [%0], %1;\n" :: "l"(p), "r"(packed) : "memory");
+// Two fp32 values rounded into one 32-bit pair of 16-bit elements (v0 in the low half), one cvt.
+template <typename O> struct Pack2;
+template <> struct Pack2<bf16_t> {
+    __device__ static u32 run(float v0, float v1) {
+        u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(v1), "f"(v0)); return r;
+    } };
+template <> struct Pack2<f16_t> {
+    __device__ static u32 run(float v0, float v1) {
+        u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(v1), "f"(v0)); return r;
+    } };
+
+// Store C[row, col] = v0 and C[row, col + 1] = v1 (col even) through `rowp` = C + row * ldc, masked to
+// row_ok and columns < N. EVEN (N and ldc even): the pair is one aligned vector store, whole or not at
+// all. Single predicated stores, no branches: the unrolled epilogue stays small and quick to compile.
+template <typename O, bool EVEN>
+__device__ __forceinline__ void gemm_store2(typename O::T* __restrict__ rowp, bool row_ok, i64 col, i64 N,
+                                            float v0, float v1) {
+    if constexpr (EVEN) {
+        if (row_ok && col < N) {
+            if constexpr (O::BYTES == 4) {
+                asm volatile("st.global.v2.f32 [%0], {%1,%2};\n" :: "l"(rowp + col), "f"(v0), "f"(v1) : "memory");
+            } else {
+                asm volatile("st.global.u32 [%0], %1;\n" :: "l"(rowp + col), "r"(Pack2<O>::run(v0, v1)) : "memory");
+            }
         }
     } else {
-        p[0] = O::store(v0);
-        if (col + 1 < N) p[1] = O::store(v1);
+        if (row_ok && col < N) rowp[col] = O::store(v0);
+        if (row_ok && col + 1 < N) rowp[col + 1] = O::store(v1);
     }
 }

@@ -17,7 +17,8 @@ from ..kernel import Kernel, register_prewarm
 from ..runtime import sm_count
 
 MAX_CLUSTER = 8          # portable thread-block cluster size on sm_90
-SLAB_LIMIT = 64 * 1024   # a fused CTA's slab: two CTAs per SM must fit in shared memory
+SLAB_LIMIT = 64 * 1024   # a fused CTA's slab: two of them (the double buffer) fit in shared memory
+WSMEM_LIMIT = 16 * 1024  # the row kernel stages weights of at most this many bytes in shared memory
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
 
@@ -26,48 +27,86 @@ def _divisors(n):
 
 
 def _rows_tiling(N, DTYPE, WDTYPE, ROUND_SCALE):
+    """Register tiling of the row kernel. Its rows are independent (no barrier per row when a warp
+    holds a row), so occupancy (MIN_BLOCKS) and the register prefetch of the next row trade
+    against each other; WSMEM stages the weights in shared memory when they fit."""
     epv = 16 // _BYTES[DTYPE]
     lanes = 128 // epv                       # threads per 128-column block
     blocks = N // 128
+    wsmem = N * _BYTES[WDTYPE] <= WSMEM_LIMIT
     for d in _divisors(blocks):
         tpr, vpt = lanes * d, blocks // d
         if vpt > 8:
             continue
         if tpr <= 32:
-            return {"TPR": tpr, "VPT": vpt, "THREADS": 256, "LOOP": False, "MIN_BLOCKS": 3}
+            return {"TPR": tpr, "VPT": vpt, "THREADS": 256, "LOOP": False, "MIN_BLOCKS": 2, "PREFETCH": True,
+                    "WSMEM": wsmem}
         if tpr <= 1024:
             threads = -(-tpr // 32) * 32
-            return {"TPR": tpr, "VPT": vpt, "THREADS": threads, "LOOP": False, "MIN_BLOCKS": max(1, 768 // threads)}
+            return {"TPR": tpr, "VPT": vpt, "THREADS": threads, "LOOP": False, "MIN_BLOCKS": max(1, 768 // threads),
+                    "PREFETCH": True, "WSMEM": wsmem}
         break
     vectors = N // epv                        # no register tiling: one CTA per row, two passes
-    return {"TPR": 512, "VPT": -(-vectors // 512), "THREADS": 512, "LOOP": True, "MIN_BLOCKS": 1}
+    return {"TPR": 512, "VPT": -(-vectors // 512), "THREADS": 512, "LOOP": True, "MIN_BLOCKS": 1,
+            "PREFETCH": False, "WSMEM": False}
+
+
+def _tq_bytes(threads):
+    """sizeof(TileQuant<...>::Smem): per-warp column maxima, column scales, transposed codes."""
+    return (threads // 32) * 128 * 4 + 128 * 4 + 128 * 128
 
 
 def _tile_geometry(N, DTYPE, FUSED):
-    """(cluster, chunks, slab bytes, threads, stages, dynamic smem bytes) of the tile kernel.
+    """(cluster, chunks, slab bytes, threads, stages, TileQuant buffers, dynamic smem bytes, CTAs per SM).
 
-    The fused kernel holds one slab per CTA and relies on two CTAs per SM to overlap loads
-    with quantisation; the column kernel double-buffers its 128x128 tile.
+    Both tile kernels double-buffer their slab (cp.async prefetch of the next tile). The fused
+    kernel runs one CTA per SM with two TileQuant buffers (one barrier less per 128x128 chunk);
+    the column kernel keeps one buffer so that two CTAs fit per SM.
     """
     blocks = N // 128
     cluster = max(d for d in range(1, MAX_CLUSTER + 1) if blocks % d == 0) if FUSED else 1
     chunks = blocks // cluster if FUSED else 1
     slab = chunks * 128 * 128 * _BYTES[DTYPE]
     threads = 512                             # TileQuant with 4 (2-byte x) or 8 (fp32 x) rows per thread
-    stages = 1 if FUSED else 2
-    groups = 32 if _BYTES[DTYPE] == 2 else 16
-    smem = stages * slab + (groups * 128 * 4 + 128 * 4 + 128 * 128) + 2 * 128 * 4 + 128 * 4
-    return cluster, chunks, slab, threads, stages, smem
+    stages = 2
+    tqbuf = 2 if FUSED else 1
+    smem = stages * slab + tqbuf * _tq_bytes(threads) + 2 * 128 * 4 + 128 * 4
+    per_sm = 1 if FUSED or _BYTES[DTYPE] == 4 else 2
+    return cluster, chunks, slab, threads, stages, tqbuf, smem, per_sm
 
 
 def _tiles_context(N, DTYPE, WDTYPE, ROUND_SCALE, FUSED):
-    cluster, chunks, _, _, stages, smem = _tile_geometry(N, DTYPE, FUSED)
-    return {"CLUSTER": cluster, "CHUNKS": chunks, "SMEM_BYTES": smem, "STAGES": stages, "MIN_BLOCKS": 2}
+    cluster, chunks, _, _, stages, tqbuf, smem, per_sm = _tile_geometry(N, DTYPE, FUSED)
+    return {"CLUSTER": cluster, "CHUNKS": chunks, "SMEM_BYTES": smem, "STAGES": stages, "TQBUF": tqbuf,
+            "MIN_BLOCKS": per_sm}
 
 
 def fused_fits(N: int, dtype: str) -> bool:
-    """Two CTAs of the fused kernel (one slab each) fit in an SM's shared memory."""
+    """The fused kernel's double-buffered slab (two slabs per CTA) fits in an SM's shared memory."""
     return _tile_geometry(N, dtype, True)[2] <= SLAB_LIMIT
+
+
+def max_active_clusters(launch, threads, smem, cluster, fallback):
+    """Clusters of this kernel the device can hold at once (the persistent grid's size)."""
+    if cluster == 1:
+        return fallback
+    try:
+        from cuda.bindings import driver
+
+        from ..runtime import _Pushed
+
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = cluster * fallback, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+        config.sharedMemBytes = smem
+        config.numAttrs = 0
+        with _Pushed(launch.device_index):
+            err, count = driver.cuOccupancyMaxActiveClusters(launch.function, config)
+        if err == driver.CUresult.CUDA_SUCCESS and count > 0:
+            return int(count)
+    except Exception:  # noqa: BLE001 - an older driver binding: fall back to the CTA count
+        pass
+    return fallback
 
 
 NORM_ROWS = Kernel(
@@ -101,10 +140,12 @@ def _plan(device, N, dtype, wdtype, output_mode, round_scale):
             slots = sm_count(device.index) * max(1, launch.blocks_per_sm(tiling["THREADS"], 0))
             steps.append(("rows", launch, tiling["THREADS"], rows_per_cta, slots))
         else:
-            cluster, _, _, threads, _, smem = _tile_geometry(N, dtype, fused)
+            cluster, _, _, threads, _, _, smem, _ = _tile_geometry(N, dtype, fused)
             launch = NORM_TILES.launcher(device, N, dtype, wdtype, round_scale, fused)
             launch.set_dynamic_smem(smem)
             slots = sm_count(device.index) * max(1, launch.blocks_per_sm(threads, smem))
+            if fused:  # whole clusters: as many as the device holds at once
+                slots = cluster * max_active_clusters(launch, threads, smem, cluster, max(1, slots // cluster))
             steps.append(("fused" if fused else "cols", launch, threads, smem, cluster, slots))
     plan = _plans[key] = tuple(steps)
     return plan

@@ -19,27 +19,46 @@ _WKIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _COUNTS = (torch.int32, torch.int64)
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 SMEM_LIMIT = 232448       # opt-in shared memory per CTA on sm_90 (227 KiB)
-TILEQUANT_SMEM = 25088    # sizeof(TileQuant<...>::Smem): column maxima, scales, transposed codes
 SEGMENT_BYTES = 12        # per expert + 1 in the batched kernels: i64 row start, i32 tile start
 FAST_EXPERTS = 512        # experts for which the batched kernels keep the double buffer
 
 
-def _geometry(kind, DTYPE, GDTYPE):
-    """(VEC, THREADS, STAGES, SHARED_BYTES) of a kernel kind: the single source of the smem size."""
+def _tq_bytes(threads):
+    """sizeof(TileQuant<...>::Smem): per-warp column maxima, column scales, transposed codes."""
+    return (threads // 32) * 128 * 4 + 128 * 4 + 128 * 128
+
+
+def _layout(kind, DTYPE, GDTYPE, RPT=None, STAGES=None, TQBUF=None, MIN_BLOCKS=None):
+    """Tiling of a kernel kind: the single source of its thread count and shared memory size.
+
+    VEC: 16-byte row slices of 16-bit data, 4 values with any fp32 stream. RPT rows per thread.
+    STAGES: a cp.async double buffer where two stages (and the segment table of FAST_EXPERTS
+    experts) fit. TQBUF: two TileQuant buffers where they fit too (one barrier less per tile).
+    """
     bwd = kind in ("bwd", "bbwd")
     tags = (DTYPE, GDTYPE) if bwd else (DTYPE,)
-    vec = 4 if "f32" in tags else 8           # 16-byte rows slices of 16-bit data; 4 with any fp32 stream
+    vec = 4 if "f32" in tags else 8
+    rpt = RPT or 8
+    threads = 128 // rpt * (128 // vec)
     stage = 2 * 128 * 128 * _BYTES[DTYPE] + (128 * 128 * _BYTES[GDTYPE] if bwd else 0)
     reserve = SEGMENT_BYTES * (FAST_EXPERTS + 1) if kind in ("bfwd", "bbwd") else 0
-    stages = 2 if 2 * stage + TILEQUANT_SMEM + reserve <= SMEM_LIMIT else 1
-    return vec, 16 * 128 // vec, stages, stages * stage + TILEQUANT_SMEM
+    tq = _tq_bytes(threads)
+    stages = STAGES or (2 if 2 * stage + tq + reserve <= SMEM_LIMIT else 1)
+    tqbuf = TQBUF or (2 if stages * stage + 2 * tq + reserve <= SMEM_LIMIT else 1)
+    return {"VEC": vec, "RPT": rpt, "THREADS": threads, "STAGES": stages, "TQBUF": tqbuf,
+            "SHARED_BYTES": stages * stage + tqbuf * tq, "MIN_BLOCKS": MIN_BLOCKS or 1}
 
 
-def _context(kind):
+def _geometry(kind, DTYPE, GDTYPE):
+    """(VEC, THREADS, STAGES, SHARED_BYTES) of a kernel kind."""
+    t = _layout(kind, DTYPE, GDTYPE)
+    return t["VEC"], t["THREADS"], t["STAGES"], t["SHARED_BYTES"]
+
+
+def _context(kind, **overrides):
     def context(N, DTYPE, ROUND_SCALE, GDTYPE=None):
-        gdtype = GDTYPE or DTYPE
-        vec, _, stages, shared = _geometry(kind, DTYPE, gdtype)
-        return {"KIND": kind, "GDTYPE": gdtype, "VEC": vec, "STAGES": stages, "SHARED_BYTES": shared}
+        t = _layout(kind, DTYPE, GDTYPE or DTYPE, **overrides)
+        return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, **{k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}}
     return context
 
 
