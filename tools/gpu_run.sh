@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)"
 export LINGHE_CACHE_DIR=/tmp/linghe-cache
 if [ -n "$1" ]; then
-  timeout 420 python3 -m pytest $1 2>&1 | tee "$OUT/pytest.log" | grep -v "^$" | tail -60
+  eval timeout 420 python3 -m pytest "$1" 2>&1 | tee "$OUT/pytest.log" | grep -v "^$" | tail -60
 fi
 if [ -n "$2" ]; then
   timeout 300 python3 tools/bench.py $2 --json "$OUT/bench.json" --out "$OUT/BENCHMARKS.md" 2>&1 | tee "$OUT/bench.log"

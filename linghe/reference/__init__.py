@@ -12,3 +12,4 @@ from .reduce import ref_batch_count_zero, ref_batch_sum_with_ord  # noqa: F401
 from .silu import ref_batch_silu_bwd, ref_batch_silu_fwd, ref_silu_bwd, ref_silu_fwd  # noqa: F401
 from .rope import ref_qk_norm_half_rope, ref_qk_norm_half_rope_backward  # noqa: F401
 from .gemm import ref_fp32_gemm_backward, ref_fp32_gemm_forward, split_bf16  # noqa: F401
+from .permute import make_row_id_map, ref_permute, ref_unpermute  # noqa: F401

@@ -49,16 +49,30 @@ template <typename E, int THREADS> __device__ __forceinline__ void stage_tile(
 }
 
 // ---- math -------------------------------------------------------------------------
-// sigma(a) with the accurate expf and an IEEE division: the approximate ex2/rcp pair put
-// round_scale=False scales of the backward ~20 ulp off the float64 reference (SPEC §3.3 allows a
-// few). For a < -88, e^-a = inf and sigma = 0.
-__device__ __forceinline__ float silu_sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
-// sigma(a) and 1 - sigma(a) = e^-a * sigma(a), the latter without the cancellation of 1 - sigma
-// for large a (where it is tiny). For a < -88, e^-a = inf and inf * 0 is NaN: fminf picks 1.
+// sigma(a) with the accurate expf and a correctly rounded reciprocal: the approximate ex2/rcp
+// pair put round_scale=False scales of the backward ~20 ulp off the float64 reference (SPEC §3.3
+// allows a few). Written without branches: IEEE 1/x carries a slow-path branch per element,
+// and those branch regions kept the compiler from overlapping the elements' MUFU latencies.
+// With t = e^-|a| in (0, 1], d = 1 + t lies in [1, 2], where MUFU.RCP plus one Newton step
+// (the fast path of __frcp_rn) is the correctly rounded 1/d: for a >= 0, sigma = 1/d exactly as
+// 1 / (1 + expf(-a)); for a < 0, sigma = t/d (a few ulp, like the quotient form; no overflow).
+__device__ __forceinline__ float rcp_1_2(float d) {   // correctly rounded 1/d for d in [1, 2]
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+    return fmaf(r, fmaf(-d, r, 1.0f), r);
+}
+// sigma(a) and 1 - sigma(a), the latter without the cancellation of 1 - sigma for large a.
 __device__ __forceinline__ void silu_sigmoid2(float a, float& sg, float& one_minus) {
-    const float ex = expf(-a);
-    sg = 1.0f / (1.0f + ex);
-    one_minus = fminf(ex * sg, 1.0f);
+    const float t = expf(-fabsf(a));
+    const float r = rcp_1_2(1.0f + t);
+    const float tr = t * r;
+    sg = a >= 0.0f ? r : tr;
+    one_minus = a >= 0.0f ? tr : r;
+}
+__device__ __forceinline__ float silu_sigmoid(float a) {
+    const float t = expf(-fabsf(a));
+    const float r = rcp_1_2(1.0f + t);
+    return a >= 0.0f ? r : t * r;
 }
 
 // A per-row weight or weight gradient, dtype chosen at run time (0: f32, 1: bf16, 2: f16):

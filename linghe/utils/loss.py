@@ -22,6 +22,7 @@ UNROLL = 4          # 16-byte loads in flight per thread
 MAX_TPR = 512       # threads per row for large vocabularies
 MIN_THREADS = 256   # CTA size when several short rows share a CTA
 MAX_VOCAB = 1 << 30  # in-row indices are 32-bit in the kernels
+BWD_ALIGN = 128     # bytes: the backward's warp accesses follow this grid, whatever V does to row starts
 
 LABEL_DTYPES = (torch.int64, torch.int32)
 LABEL_TAG = {torch.int64: "i64", torch.int32: "i32"}
@@ -51,7 +52,8 @@ def _forward_context(DTYPE, LABEL, TPR):
 def _backward_context(DTYPE, LABEL, GDTYPE, TPR):
     # 3 resident CTAs of 512 threads (<= 42 registers): one CTA's per-row start-up latency is
     # covered by the others' streams.
-    return {"PASS": "bwd", "ROWS": _rows(TPR), "UNROLL": UNROLL, "MIN_BLOCKS": max(1, 1536 // (TPR * _rows(TPR)))}
+    return {"PASS": "bwd", "ROWS": _rows(TPR), "UNROLL": UNROLL, "MIN_BLOCKS": max(1, 1536 // (TPR * _rows(TPR))),
+            "ALIGN": BWD_ALIGN}
 
 
 CE_FORWARD = Kernel(
@@ -132,9 +134,10 @@ def forward_2d(x, labels, loss_shape, device):
 
 
 def _like_aligned(x):
-    """An empty [M, V] tensor whose address is congruent to x's modulo 16 bytes (one RowSpan fits both)."""
+    """An empty [M, V] tensor whose address is congruent to x's modulo BWD_ALIGN bytes (one RowSpan and
+    one lane map fit both)."""
     M, vocab = x.shape
-    shift = (x.data_ptr() % 16) // x.element_size()
+    shift = (x.data_ptr() % BWD_ALIGN) // x.element_size()
     if shift == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     flat = torch.empty(M * vocab + shift, dtype=x.dtype, device=x.device)

@@ -48,17 +48,38 @@ def _plan(H: int, HKV: int, D: int, esize: int, vec_bytes: int) -> dict:
 
 
 FWD_VEC_BYTES, BWD_VEC_BYTES = 16, 8
+# Tokens per CTA (teams of NT threads, at most 1024 threads), and the threads per SM that the register
+# budget must allow (__launch_bounds__ min-blocks = that // CTA threads; 0: no hint).
+FWD_TOKENS, FWD_MIN_THREADS = 1, 0
+BWD_TOKENS, BWD_MIN_THREADS = 1, 768
+BWD_SMEM_LIMIT = 40 * 1024   # static shared memory of the backward (per-warp cos/sin, weights, dw partial)
 
 
+def _teams(nt: int, want: int) -> int:
+    return max(1, min(want, 1024 // nt))
+
+
+def _min_blocks(threads: int, per_sm: int) -> int:
+    return max(1, per_sm // threads)
+
+
+@lru_cache(maxsize=None)
 def _fwd_context(H, HKV, D, DTYPE, QWDTYPE, KWDTYPE):
-    return _plan(H, HKV, D, _ESIZE[DTYPE], FWD_VEC_BYTES)
+    plan = _plan(H, HKV, D, _ESIZE[DTYPE], FWD_VEC_BYTES)
+    tok = _teams(plan["NT"], FWD_TOKENS)
+    return dict(plan, TOK=tok, MIN_BLOCKS=_min_blocks(plan["NT"] * tok, FWD_MIN_THREADS))
 
 
+@lru_cache(maxsize=None)
 def _bwd_context(H, HKV, D, DTYPE, GDTYPE, QWDTYPE, KWDTYPE):
     plan = _plan(H, HKV, D, max(_ESIZE[DTYPE], _ESIZE[GDTYPE]), BWD_VEC_BYTES)
-    # Ask ptxas for registers that let >= 768 threads share an SM (it loops over tokens and relies
-    # on several CTAs per SM to keep enough reads in flight).
-    return dict(plan, MIN_BLOCKS=max(1, 768 // plan["NT"]))
+    tok = _teams(plan["NT"], BWD_TOKENS)
+    # Each warp keeps cos/sin of D/2 angles: fewer teams where that would not fit.
+    while tok > 1 and (plan["NT"] * tok // 32 * D + 4 * D) * 4 > BWD_SMEM_LIMIT:
+        tok -= 1
+    # It loops over tokens and relies on several warps per SM to keep enough reads in flight: ask
+    # ptxas for registers that let BWD_MIN_THREADS threads share an SM.
+    return dict(plan, TOK=tok, MIN_BLOCKS=_min_blocks(plan["NT"] * tok, BWD_MIN_THREADS))
 
 
 ROPE_FWD = Kernel(
@@ -209,7 +230,8 @@ def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=
     qw, kw, f = q_norm_weight.contiguous(), k_norm_weight.contiguous(), freqs.contiguous()
     tag = V.DTYPE_TAG
     launch = ROPE_FWD.launcher(device, H, h, D, tag[x.dtype], tag[qw.dtype], tag[kw.dtype])
-    launch((tokens, plan["PASSES"], 1), (plan["NT"], 1, 1),
+    tok = _fwd_context(H, h, D, tag[x.dtype], tag[qw.dtype], tag[kw.dtype])["TOK"]
+    launch((V.cdiv(tokens, tok), plan["PASSES"], 1), (plan["NT"], tok, 1),
            (x.data_ptr(), st[0], st[1], qw.data_ptr(), kw.data_ptr(), f.data_ptr(),
             q.data_ptr(), k.data_ptr(), v.data_ptr(), S, B, eps))
     return q, k, v
@@ -249,10 +271,11 @@ def qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_nor
     qw, kw, f = q_norm_weight.contiguous(), k_norm_weight.contiguous(), freqs.contiguous()
     tag = V.DTYPE_TAG
     launch = ROPE_BWD.launcher(device, H, h, D, tag[x.dtype], tag[gq.dtype], tag[qw.dtype], tag[kw.dtype])
+    tok = _bwd_context(H, h, D, tag[x.dtype], tag[gq.dtype], tag[qw.dtype], tag[kw.dtype])["TOK"]
     passes, threads = plan["PASSES"], plan["NT"]
-    ctas = min(tokens, max(1, _resident_ctas(launch, threads) // passes))
+    ctas = min(V.cdiv(tokens, tok), max(1, _resident_ctas(launch, threads * tok) // passes))
     partial = torch.empty((passes * ctas, 2, D), dtype=torch.float32, device=device)
-    launch((ctas, passes, 1), (threads, 1, 1),
+    launch((ctas, passes, 1), (threads, tok, 1),
            (x.data_ptr(), xs[0], xs[1],
             gq.data_ptr(), gqs[0], gqs[1], gqs[2], gk.data_ptr(), gks[0], gks[1], gks[2],
             gv.data_ptr(), gvs[0], gvs[1], gvs[2],

@@ -11,7 +11,7 @@ import torch
 
 from .. import _validate as V
 from ..kernel import Kernel, register_prewarm
-from .gather import DTYPE_BYTES, WARPS, _check_map, error_flag, list_size, row_tiling
+from .gather import DTYPE_BYTES, WARPS, error_flag, list_size, row_tiling
 
 # Rows whose loads a warp keeps in flight at once (16- and 8-byte vectors; narrower ones hold
 # more vectors per lane, so fewer rows keep the register count in check).
@@ -46,8 +46,7 @@ def triton_unpermute_with_mask_map(grad, row_id_map, probs):
     if hidden == 0:
         raise ValueError(f"grad.shape[1] (hidden size) must be positive, got shape {tuple(grad.shape)}")
     V.tensor("row_id_map", row_id_map, dtypes=(torch.int32,), ndim=2)
-    T = row_id_map.shape[0]
-    E = _check_map(row_id_map, T)
+    T, E = row_id_map.shape
     if probs is not None:
         V.tensor("probs", probs, ndim=1)
         if probs.element_size() > 8:
