@@ -62,3 +62,18 @@ def aligned(value: torch.Tensor, alignment: int = 16) -> torch.Tensor:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def integer(name: str, value, minimum: int = 0) -> int:
+    """A Python integer argument (bool rejected) that is at least ``minimum``."""
+    import operator
+
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -9,7 +9,6 @@ not on the hot path.
 """
 from __future__ import annotations
 
-import operator
 from functools import lru_cache
 
 import torch
@@ -117,7 +116,7 @@ def check_row_id_map_errors(device=None) -> None:
 def validate_row_id_map(row_id_map: torch.Tensor, num_out_tokens: int) -> None:
     """Opt-in full check of a map (synchronises): entries are -1 or in [0, num_out_tokens), unique."""
     V.tensor("row_id_map", row_id_map, dtypes=(torch.int32,), ndim=2)
-    num_out_tokens = _count("num_out_tokens", num_out_tokens)
+    num_out_tokens = V.integer("num_out_tokens", num_out_tokens)
     routed = row_id_map[row_id_map >= 0]
     if bool((row_id_map < -1).any()):
         raise ValueError("row_id_map entries must be -1 (not routed) or a destination row >= 0")
@@ -139,16 +138,6 @@ def _check_map(row_id_map, num_tokens: int) -> int:
     return row_id_map.shape[1]
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 _FILL_BITS: dict = {}
@@ -193,7 +182,7 @@ def triton_permute_with_mask_map(inp, scale, probs, row_id_map, num_out_tokens, 
         if not probs.is_floating_point() or probs.element_size() > 8:
             raise TypeError(f"probs must be a floating tensor, got dtype {probs.dtype}")
         V.shape("probs", probs, (T, E))
-    num_out = None if num_out_tokens is None else _count("num_out_tokens", num_out_tokens)
+    num_out = None if num_out_tokens is None else V.integer("num_out_tokens", num_out_tokens)
     padded = not contiguous
     if tokens_per_expert is not None:
         V.tensor("tokens_per_expert", tokens_per_expert, dtypes=INTEGER, ndim=1)

@@ -24,6 +24,7 @@ from ..kernel import Kernel, register_prewarm
 # 64 registers, which 8 words per tensor do.
 FWD_WORDS, FWD_CTA = 8, 256
 BWD_WORDS, BWD_CTA = 8, 1024
+BWD_MIN_THREADS = 1024  # threads per SM the backward's register budget must allow (__launch_bounds__)
 MAX_THREAD_ELEMS = 64   # elements of one tensor a thread holds per pass
 MAX_PASSES = 16         # passes over groups per token (unrolled in the kernel)
 MAX_ACC_SMEM = 160 * 1024   # the backward's dweight sums in shared memory, T * dim * 4 bytes
@@ -72,7 +73,8 @@ def _fwd_context(DIM, G, XDTYPE, GDTYPE, WDTYPE):
 
 
 def _bwd_context(DIM, G, XDTYPE, GDTYPE, WDTYPE, DDTYPE):
-    return _bwd_geometry(DIM, G, XDTYPE, GDTYPE, DDTYPE)
+    geo = _bwd_geometry(DIM, G, XDTYPE, GDTYPE, DDTYPE)
+    return dict(geo, MIN_BLOCKS=max(1, BWD_MIN_THREADS // geo["THREADS"]))
 
 
 FWD = Kernel(
