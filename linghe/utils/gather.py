@@ -138,8 +138,6 @@ def _check_map(row_id_map, num_tokens: int) -> int:
     return row_id_map.shape[1]
 
 
-
-
 _FILL_BITS: dict = {}
 
 
