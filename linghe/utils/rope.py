@@ -50,7 +50,7 @@ def _plan(H: int, HKV: int, D: int, esize: int, vec_bytes: int) -> dict:
 FWD_VEC_BYTES, BWD_VEC_BYTES = 16, 8
 # Tokens per CTA (teams of NT threads, at most 1024 threads), and the threads per SM that the register
 # budget must allow (__launch_bounds__ min-blocks = that // CTA threads; 0: no hint).
-FWD_TOKENS, FWD_MIN_THREADS = 1, 0
+FWD_TOKENS, FWD_MIN_THREADS = 1, 960
 BWD_TOKENS, BWD_MIN_THREADS = 1, 768
 BWD_SMEM_LIMIT = 40 * 1024   # static shared memory of the backward (per-warp cos/sin, weights, dw partial)
 

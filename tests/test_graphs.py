@@ -1,0 +1,165 @@
+"""Every documented op captured in a CUDA graph after one eager call, replayed on new input values,
+and compared bitwise with an eager call on those values (GPU only)."""
+import pytest
+import torch
+
+from linghe.reference import make_row_id_map
+
+pytestmark = pytest.mark.gpu
+BF16 = torch.bfloat16
+
+
+def _same(a, b, path="out"):
+    if a is None or b is None:
+        assert a is None and b is None, path
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), f"{path}: replay differs from eager"
+
+
+def graph_matches_eager(make, fn):
+    """make(seed) -> tuple of input tensors (fresh random values); fn(*inputs) -> outputs."""
+    static = [t.clone() for t in make(1)]
+    fn(*static)  # compile and load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(*static)
+    fresh = make(2)
+    for s, t in zip(static, fresh):
+        s.copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    _same(captured, fn(*fresh))
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def test_rms_norm_quant():
+    from linghe.utils.norm import triton_rms_norm_and_block_quant_forward as f
+
+    w = torch.randn(1024, device="cuda", dtype=BF16)
+    graph_matches_eager(lambda s: (torch.randn(300, 1024, device="cuda", generator=_gen(s)).to(BF16),),
+                        lambda x: f(x, w, round_scale=True, output_mode=2))
+
+
+def test_silu_plain_and_batched():
+    from linghe.utils import silu
+
+    graph_matches_eager(lambda s: (torch.randn(257, 1024, device="cuda", generator=_gen(s)).to(BF16),),
+                        lambda x: silu.triton_silu_and_block_quant_forward(x, round_scale=True))
+    graph_matches_eager(lambda s: (torch.randn(257, 512, device="cuda", generator=_gen(s)).to(BF16),
+                                   torch.randn(257, 1024, device="cuda", generator=_gen(s + 9)).to(BF16)),
+                        lambda g, x: silu.triton_silu_and_block_quant_backward(g, x))
+    splits = [100, 0, 37, 120]
+    counts = torch.tensor(splits, device="cuda")
+    rows = sum(splits)
+    graph_matches_eager(
+        lambda s: (torch.randn(rows, 512, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.rand(rows, 1, device="cuda", generator=_gen(s + 3))),
+        lambda x, w: silu.triton_batch_weighted_silu_and_block_quant_forward(x, w, counts, splits, round_scale=True))
+    graph_matches_eager(
+        lambda s: (torch.randn(rows, 256, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.randn(rows, 512, device="cuda", generator=_gen(s + 1)).to(BF16),
+                   torch.rand(rows, 1, device="cuda", generator=_gen(s + 2))),
+        lambda g, x, w: silu.triton_batch_weighted_silu_and_block_quant_backward(g, x, w, counts, splits))
+
+
+def test_permute_and_unpermute():
+    from linghe.utils.gather import triton_permute_with_mask_map
+    from linghe.utils.scatter import triton_unpermute_with_mask_map
+
+    tokens, experts, hidden = 300, 16, 512
+    logits = torch.randn(tokens, experts, device="cuda", generator=_gen(5))
+    routing = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(4, dim=1).indices, True)
+    for multiple, contiguous in ((1, True), (16, False)):
+        row_id_map, num_out = make_row_id_map(routing, multiple)
+        per_expert = routing.sum(0).to(torch.int32)
+        graph_matches_eager(
+            lambda s: (torch.randn(tokens, hidden, device="cuda", generator=_gen(s)).to(BF16),
+                       torch.rand(tokens, device="cuda", generator=_gen(s + 1)),
+                       torch.rand(tokens, experts, device="cuda", generator=_gen(s + 2))),
+            lambda x, sc, p: triton_permute_with_mask_map(x, sc, p, row_id_map, num_out, contiguous,
+                                                          None if contiguous else per_expert))
+        graph_matches_eager(
+            lambda s: (torch.randn(num_out, hidden, device="cuda", generator=_gen(s)).to(BF16),
+                       torch.rand(num_out, device="cuda", generator=_gen(s + 1))),
+            lambda g, p: triton_unpermute_with_mask_map(g, row_id_map, p))
+
+
+def test_qk_norm_half_rope_forward_and_backward():
+    from linghe.utils.rope import qk_norm_half_rope_backward, qk_norm_half_rope_forward
+
+    S, B, H, h, D = 64, 2, 8, 2, 128
+    qw = torch.randn(D, device="cuda", dtype=BF16)
+    kw = torch.randn(D, device="cuda", dtype=BF16)
+    freqs = torch.rand(S, D // 2, device="cuda") * 3
+    make_qkv = lambda s: torch.randn(S, B, (H + 2 * h) * D, device="cuda", generator=_gen(s)).to(BF16)  # noqa: E731
+    graph_matches_eager(lambda s: (make_qkv(s),), lambda qkv: qk_norm_half_rope_forward(qkv, qw, kw, freqs, H, h))
+    graph_matches_eager(
+        lambda s: (torch.randn(B, S, H, D, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.randn(B, S, h, D, device="cuda", generator=_gen(s + 1)).to(BF16),
+                   torch.randn(B, S, h, D, device="cuda", generator=_gen(s + 2)).to(BF16), make_qkv(s + 3)),
+        lambda gq, gk, gv, qkv: qk_norm_half_rope_backward(gq, gk, gv, qkv, qw, kw, freqs, H, h))
+
+
+def test_group_norm_gate_forward_and_backward():
+    from linghe.utils.norm_gate import group_norm_gate_backward, group_norm_gate_forward
+
+    B, S, dim = 2, 60, 1024
+    w = torch.randn(dim, device="cuda", dtype=BF16)
+    graph_matches_eager(
+        lambda s: (torch.randn(B, S, dim, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.randn(S, B, dim, device="cuda", generator=_gen(s + 1)).to(BF16)),
+        lambda x, g: group_norm_gate_forward(x, g, w, 1e-6, 4))
+    graph_matches_eager(
+        lambda s: (torch.randn(S, B, dim, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.randn(B, S, dim, device="cuda", generator=_gen(s + 1)).to(BF16),
+                   torch.randn(S, B, dim, device="cuda", generator=_gen(s + 2)).to(BF16)),
+        lambda grad, x, g: group_norm_gate_backward(grad, x, g, w, 1e-6, 4))
+
+
+def test_fp32_gemm_forward_and_backward():
+    from linghe.facade.fp32_linear import fp32_gemm_backward, fp32_gemm_forward
+
+    w = torch.randn(64, 512, device="cuda", dtype=BF16)
+    graph_matches_eager(lambda s: (torch.randn(2, 100, 512, device="cuda", generator=_gen(s)).to(BF16),),
+                        lambda x: fp32_gemm_forward(x, w))
+    graph_matches_eager(
+        lambda s: (torch.randn(2, 100, 64, device="cuda", generator=_gen(s)),
+                   torch.randn(2, 100, 512, device="cuda", generator=_gen(s + 1)).to(BF16)),
+        lambda g, x: fp32_gemm_backward(g, x, w))
+
+
+def test_cross_entropy_forward_and_backward():
+    from linghe.utils.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+
+    M, V = 100, 5003
+    labels = torch.randint(-1, V, (M,), device="cuda", generator=_gen(7))
+    graph_matches_eager(lambda s: (torch.randn(M, V, device="cuda", generator=_gen(s)).to(BF16),),
+                        lambda x: softmax_cross_entropy_forward(x, labels))
+    graph_matches_eager(
+        lambda s: (torch.randn(M, V, device="cuda", generator=_gen(s)).to(BF16),
+                   torch.rand(M, device="cuda", generator=_gen(s + 1))),
+        lambda x, g: softmax_cross_entropy_backward(x, labels, softmax_cross_entropy_forward(x, labels)[1], g))
+
+
+def test_batch_reductions():
+    from linghe.utils.reduce import triton_batch_count_zero, triton_batch_sum_with_ord
+
+    def make(s):
+        g = _gen(s)
+        return (torch.randn(1000, device="cuda", generator=g), torch.randn(33, 65, device="cuda", generator=g).to(BF16),
+                torch.randn(0, device="cuda"), torch.randn(4097, device="cuda", generator=g).relu())
+
+    graph_matches_eager(make, lambda *xs: triton_batch_sum_with_ord(list(xs), 2))
+    graph_matches_eager(make, lambda *xs: triton_batch_sum_with_ord(list(xs), 1))
+    graph_matches_eager(make, lambda *xs: triton_batch_count_zero(list(xs)))
