@@ -36,9 +36,11 @@ def test_prewarm_specs_compile(tmp_path, arch):
 
 
 @pytest.mark.parametrize("kernel, constants", [
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", VEC=False, EVEN=False)),
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", VEC=False, EVEN=True)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", EVEN=False)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", EVEN=True)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dx", 4096, 2048, 2), MMA="bf16", OUT="bf16", EVEN=True)),  # promotes
     (G.GEMM_MMA, dict(G.tile_config("mma", "dw", 16, 16), MMA="f16", OUT="f32", VEC=False, EVEN=False)),
+    (G.GEMM_MMA, dict(G.tile_config("mma", "fwd", 13, 100), MMA="bf16", OUT="f32", VEC=False, EVEN=False)),
     (G.SPLIT, dict(IN="f32", PARTS=3, CONTIG=False)),
     (G.SPLIT, dict(IN="f16", PARTS=1, CONTIG=True)),
     (G.REDUCE, dict(OUT="f32")),
@@ -50,9 +52,24 @@ def test_other_specs_compile(tmp_path, kernel, constants):
 
 def test_wgmma_kernel_renders_the_warpgroup_mma():
     c = G.tile_config("wgmma", "dx", 256, 2048, 2)
-    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", VEC=True, EVEN=True))
+    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", EVEN=True))
     assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in src
     assert "p, 1, 1, 0, 1;" in src  # A K-major, B N-major (transposed)
+    assert "__cluster_dims__(2, 1, 1)" in src and "tma_load3_multicast(" in src
+
+
+def test_precision_rules():
+    """Accumulation chains stay short: the forward promotes every CHAIN_K; d_input promotes when
+    n_experts is large; d_weight's split chunks hold at most DW_CHAIN products of k."""
+    for impl, step in (("wgmma", 64), ("mma", 32)):
+        fwd = G.tile_config(impl, "fwd", 256, 16384)
+        assert fwd["PROMO"] * step == G.CHAIN_K
+        assert G.tile_config(impl, "dx", 256, 2048, 2)["PROMO"] == 0  # 512 products of k: one chain
+        assert G.tile_config(impl, "dx", 4096, 2048, 2)["PROMO"] * step * 2 == G.CHAIN_K
+    for tokens in (100, 8192, 65536, 10 ** 6):
+        for ap in (1, 2):
+            splits, chunk = G._dw_splits("wgmma", 256, 2048, tokens, ap, 132)
+            assert chunk * 64 * ap <= G.DW_CHAIN and splits * chunk * 64 >= tokens > (splits - 1) * chunk * 64
 
 
 # ---- CPU: tiling rules -------------------------------------------------------------------------
@@ -61,9 +78,11 @@ def test_wgmma_kernel_renders_the_warpgroup_mma():
 def test_tile_configs(n_experts, dim):
     for kind, ap in (("fwd", 1), ("dx", 2), ("dw", 2), ("dx", 1), ("dw", 1)):
         w = G.tile_config("wgmma", kind, n_experts, dim, ap)
-        assert w["BM"] in (64, 128) and w["BN"] in (16, 32, 64, 128, 256) and w["STAGES"] >= 3
+        assert w["NWG"] in (1, 2) and w["BN"] in (16, 32, 64, 128, 256) and w["STAGES"] >= 2
         assert w["B_KMAJOR"] or w["BN"] % 64 == 0  # N-major B tiles are whole 64-wide swizzle atoms
-        assert G.smem_bytes("wgmma", w) <= 227 * 1024 and w["BK"] in (32, 64)
+        assert G.smem_bytes("wgmma", w) <= 227 * 1024 and w["NWG"] % w["CLUSTER"] == 0
+        assert not (w["PROMO"] or w["PINGPONG"]) or w["BN"] <= 128  # two accumulator sets of 64 x BN
+        assert not (w["PROMO"] and w["PINGPONG"])
         m = G.tile_config("mma", kind, n_experts, dim, ap)
         tm, tn = m["BM"] // m["WM"], m["BN"] // m["WN"]
         assert 16 <= tm <= 64 and 16 <= tn <= 64 and tm % 16 == 0 and tn % 16 == 0
@@ -72,7 +91,7 @@ def test_tile_configs(n_experts, dim):
 
 def test_pass_selection():
     def op(n, exact):
-        return G._Operand([None] * n, 8, exact)
+        return G._Operand([None] * n, 8, exact, 1, 8, 8, "bf16")
     assert G._passes(op(1, True), op(1, True)) == ([(0, 0)], 0)
     assert G._passes(op(2, False), op(1, True))[0] == [(0, 0), (1, 0)]      # fp32 grad x bf16 weight
     assert G._passes(op(1, False), op(1, True))[0] == [(0, 0)]              # split=False
@@ -303,73 +322,200 @@ def _desc_read(smem, start, lbo, sbo, kmajor, extent):
     return out
 
 
-def _emulate_wgmma(parts, code, npass, ap, M, N, K, lda, ldb, a_k, b_k, BM, BN, BK, STAGES, k_chunk, splits, grid,
-                   vec):
-    base = 5 * 1024
-    A_BYTES, B_BYTES = BM * BK * 2, BN * BK * 2
-    STAGE = ap * A_BYTES + B_BYTES
-    A_LBO, A_SBO = (16, 1024) if a_k else (1024, BM // 64 * 1024)
-    B_LBO, B_SBO = (16, 1024) if b_k else (1024, BN // 64 * 1024)
+def _tma_box(smem, dst, mem, ld, rows, cols, c0, c1, c2, box_rows, box_parts):
+    """One TMA box (64 columns x box_rows rows x box_parts parts) of a [parts][rows][cols] tensor (row
+    stride ld; zeros outside) to shared memory with the 128-byte swizzle: element (pp, r, c) at linear
+    offset L = ((pp * box_rows + r) * 64 + c) * 2 from dst, 16-byte chunk bits 4-6 XOR bits 7-9."""
+    assert dst % 1024 == 0
+    for pp in range(box_parts):
+        for r in range(box_rows):
+            for c in range(64):
+                part, row, col = c2 + pp, c1 + r, c0 + c
+                ok = 0 <= part < len(mem) and 0 <= row < rows and 0 <= col < cols
+                lin = ((pp * box_rows + r) * 64 + c) * 2
+                smem[dst + (lin ^ (((lin >> 7) & 7) << 4))] = mem[part][row * ld + col] if ok else 0.0
+
+
+def _emulate_wgmma(parts, code, npass, ap, M, N, K, lda, ldb, a_k, b_k, NWG, BN, STAGES, PROMO, CLUSTER, k_chunk,
+                   splits, grid):
+    """fp32_gemm_wgmma.cu.j2 step by step: the producer's TMA boxes (coordinates, destinations, multicast
+    split), the consumers' descriptors, promotion chunks and the epilogue mapping."""
+    BM, BOX = 64 * NWG, 8192
+    A_BYTES, B_BYTES = NWG * ap * BOX, BN * 128
+    STAGE = A_BYTES + B_BYTES
+    A_LBO, A_KSTEP = (16, 32) if a_k else (BOX, 2048)
+    B_LBO, B_KSTEP = (16, 32) if b_k else (BOX, 2048)
+    a_rows, a_cols = (M, K) if a_k else (K, M)
+    b_rows, b_cols = (N, K) if b_k else (K, N)
     n_tiles = -(-N // BN)
-    tiles, kt_all = -(-M // BM) * n_tiles, -(-K // BK)
+    n_groups = -(-n_tiles // CLUSTER)
+    units, kt_all = -(-M // BM) * n_groups, -(-K // 64)
+    assert grid % CLUSTER == 0 and NWG % CLUSTER == 0
     out = {}
-    for bx in range(grid):
-        for bz in range(splits):
+    for bz in range(splits):
+        for bx in range(grid):
+            cid, ncl, rank = bx // CLUSTER, grid // CLUSTER, bx % CLUSTER
+            my_units = (units - 1 - cid) // ncl + 1 if cid < units else 0
             kt_begin = bz * k_chunk
             nk = max(0, min(kt_all, kt_begin + k_chunk) - kt_begin)
             spt = nk * npass
-            total = ((tiles - 1 - bx) // grid + 1 if bx < tiles else 0) * spt
-            org = lambda local: (((bx + local * grid) // n_tiles) * BM, ((bx + local * grid) % n_tiles) * BN)
-            smem = {}
-
-            def load_stage(st, step):
-                local, rem = divmod(step, spt)
-                p, kk = divmod(rem, nk)
-                k0, (m0, n0) = (kt_begin + kk) * BK, org(local)
-                cd = (code >> (4 * p)) & 15
-                b = parts[1][cd >> 2]
-                sb = base + st * STAGE + ap * A_BYTES
-                for part in range(ap):
-                    a = parts[0][cd & 3] if part == 0 else parts[0][1]
-                    sa = base + st * STAGE + part * A_BYTES
-                    if a_k:
-                        _load_tile(smem, lambda r, j: sa + _sw128_k(r, j), a, lda, m0, M, k0, K, BM, BK, vec)
-                    else:
-                        _load_tile(smem, lambda r, j: sa + _sw128_mn(BM)(r, j), a, lda, k0, K, m0, M, BK, BM, vec)
-                if b_k:
-                    _load_tile(smem, lambda r, j: sb + _sw128_k(r, j), b, ldb, n0, N, k0, K, BN, BK, vec)
-                else:
-                    _load_tile(smem, lambda r, j: sb + _sw128_mn(BN)(r, j), b, ldb, k0, K, n0, N, BK, BN, vec)
-
-            acc = torch.zeros(BM, BN, dtype=torch.float64)
-            for s in range(min(STAGES - 2, total)):
-                load_stage(s, s)
-            for it in range(total):
-                if it + STAGES - 2 < total:
-                    st = (it + STAGES - 2) % STAGES
-                    assert st not in (it % STAGES, (it - 1) % STAGES)  # not read by in-flight wgmma groups
-                    load_stage(st, it + STAGES - 2)
-                local, step = divmod(it, spt)
-                sa = base + (it % STAGES) * STAGE
-                sb = sa + ap * A_BYTES
-                for wg in range(BM // 64):
-                    sa_wg = sa + (wg * 8192 if a_k else wg * 1024)
-                    for s in range(BK // 16):
-                        a_addr = sa_wg + (32 * s if a_k else 2 * s * A_SBO)
-                        bm = _desc_read(smem, sb + (32 * s if b_k else 2 * s * B_SBO), B_LBO, B_SBO, b_k, BN)
-                        for part in range(ap):
-                            am = _desc_read(smem, a_addr + part * A_BYTES, A_LBO, A_SBO, a_k, 64)
-                            keep = 1.0 if (s > 0 or step > 0 or part > 0) else 0.0  # scale-d
-                            acc[wg * 64:(wg + 1) * 64] = keep * acc[wg * 64:(wg + 1) * 64] + am @ bm.t()
-                if step == spt - 1:  # epilogue: acc[4j+q] of (warp w, lane) = row 16w+g(+8), column 8j+2t(+1)
-                    m0, n0 = org(local)
-                    for row_in in range(BM):
+            smem, stage = {}, 0
+            for i in range(my_units):
+                u = cid + i * ncl
+                m0, n0 = u // n_groups * BM, ((u % n_groups) * CLUSTER + rank) * BN
+                acc = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
+                accf = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
+                fresh = [True] * NWG
+                st = 0
+                for p in range(npass):
+                    cd = (code >> (4 * p)) & 15
+                    pa, pb = cd & 3, cd >> 2
+                    for kk in range(nk):
+                        k0 = (kt_begin + kk) * 64
+                        sa = stage * STAGE
+                        sb = sa + A_BYTES
+                        # A box h is issued by rank h % CLUSTER and multicast: the same bytes in every CTA
+                        assert sorted(h for r in range(CLUSTER) for h in range(NWG) if h % CLUSTER == r) == list(range(NWG))
+                        for h in range(NWG):
+                            c0, c1 = (k0, m0 + 64 * h) if a_k else (m0 + 64 * h, k0)
+                            _tma_box(smem, sa + h * ap * BOX, parts[0], lda, a_rows, a_cols, c0, c1, pa, 64, ap)
+                        if b_k:
+                            _tma_box(smem, sb, parts[1], ldb, b_rows, b_cols, k0, n0, pb, BN, 1)
+                        else:
+                            for a in range(BN // 64):
+                                _tma_box(smem, sb + a * BOX, parts[1], ldb, b_rows, b_cols, n0 + 64 * a, k0, pb, 64, 1)
+                        for wg in range(NWG):
+                            skew = wg * (PROMO // 2) if PROMO else 0
+                            for s in range(4):
+                                bmat = _desc_read(smem, sb + s * B_KSTEP, B_LBO, 1024, b_k, BN)
+                                for pp in range(ap):
+                                    amat = _desc_read(smem, sa + (wg * ap + pp) * BOX + s * A_KSTEP, A_LBO, 1024, a_k, 64)
+                                    keep = 0.0 if (s == 0 and pp == 0 and fresh[wg]) else 1.0  # scale-d
+                                    acc[wg] = keep * acc[wg] + amat @ bmat.t()
+                            fresh[wg] = st == spt - 1 or bool(PROMO and (st + 1 + skew) % PROMO == 0)
+                            if fresh[wg]:  # the chain ends: promote
+                                accf[wg] += acc[wg]
+                        st += 1
+                        stage = (stage + 1) % STAGES
+                for wg in range(NWG):  # epilogue: element (row 16 w + g (+8), column 8j + 2t (+1)) of warpgroup wg
+                    for r in range(64):
                         for col_in in range(BN):
-                            row, col = m0 + row_in, n0 + col_in
+                            row, col = m0 + 64 * wg + r, n0 + col_in
                             if row < M and col < N:
                                 assert (bz, row, col) not in out
-                                out[(bz, row, col)] = float(acc[row_in, col_in])
+                                out[(bz, row, col)] = float(accf[wg][r, col_in])
     return out
+
+
+class _Bar:
+    """An mbarrier: phases complete when all arrivals came and the transaction count is back to 0."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+
+    def _step(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def arrive(self, tx=0):
+        assert self.pending > 0
+        self.pending, self.tx = self.pending - 1, self.tx + tx
+        self._step()
+
+    def complete_tx(self, nbytes):
+        self.tx -= nbytes
+        self._step()
+
+    def passed(self, parity):  # try_wait.parity: the phase of this parity has completed
+        return (self.phase & 1) != parity
+
+
+def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False):
+    """The wgmma kernel's producer / consumer protocol on one cluster, interleaved at random, with TMA
+    copies landing late: no deadlock, every consumer step reads the bytes of its own step, and no copy
+    lands in a stage that a consumer warpgroup of that CTA has not released. spts: steps of each unit
+    (the kernel's units all have the same count; varying it here only stresses the ring). pingpong:
+    consumer warpgroup w takes units w, w + NWG, ... and passes over the others' stages."""
+    import random
+    rnd = random.Random(seed)
+    BOXA, BYTES_B = 8192, 4096
+    stage_bytes = NWG * BOXA + BYTES_B
+    full = [[_Bar(1) for _ in range(STAGES)] for _ in range(CLUSTER)]
+    empty = [[_Bar((1 if pingpong else NWG) * CLUSTER) for _ in range(STAGES)] for _ in range(CLUSTER)]
+    content = [[{} for _ in range(STAGES)] for _ in range(CLUSTER)]  # box -> global step that filled it
+    reading = [[set() for _ in range(STAGES)] for _ in range(CLUSTER)]  # warpgroups not yet released
+    inflight = []  # TMA copies: (cta, stage, box, step, barrier, bytes)
+    total = sum(spts)
+
+    def producer(cta):
+        stage, phase = 0, 0
+        for j in range(total):
+            yield lambda: empty[cta][stage].passed(phase ^ 1)
+            full[cta][stage].arrive(tx=stage_bytes)
+            for h in range(NWG):
+                if h % CLUSTER == cta:
+                    for dst in range(CLUSTER):  # multicast
+                        inflight.append((dst, stage, ("a", h), j, full[dst][stage], BOXA))
+            inflight.append((cta, stage, "b", j, full[cta][stage], BYTES_B))
+            stage, phase = (0, phase ^ 1) if stage + 1 == STAGES else (stage + 1, phase)
+
+    def consumer(cta, wg):
+        stage, phase, j = 0, 0, 0
+        skew = wg * (PROMO // 2) if PROMO else 0
+        groups = []  # stages read by this warpgroup's wgmma groups still in flight
+
+        def retire(keep):  # wgmma.wait_group keep
+            while len(groups) > keep:
+                reading[cta][groups.pop(0)].discard(wg)
+
+        def release(s):
+            assert s not in groups, "released a stage that an unfinished wgmma group reads"
+            for r in range(CLUSTER):
+                empty[r][s].arrive()
+        def skip(n):
+            nonlocal stage, phase, j
+            for _ in range(n):
+                stage, phase = (0, phase ^ 1) if stage + 1 == STAGES else (stage + 1, phase)
+                j += 1
+        for i, spt in enumerate(spts):
+            if pingpong and i % NWG != wg:
+                skip(spt)
+                continue
+            pending = None
+            for st in range(spt):
+                yield lambda: full[cta][stage].passed(phase)
+                boxes = content[cta][stage]
+                assert len(boxes) == NWG + 1 and all(v == j for v in boxes.values()), (boxes, j)
+                reading[cta][stage].add(wg)
+                groups.append(stage)
+                yield lambda: True  # the group runs while others move
+                if st == spt - 1 or (PROMO and (st + 1 + skew) % PROMO == 0):
+                    retire(0)
+                    if pending is not None:
+                        release(pending)
+                    release(stage)
+                    pending = None
+                else:
+                    retire(1)
+                    if pending is not None:
+                        release(pending)
+                    pending = stage
+                stage, phase = (0, phase ^ 1) if stage + 1 == STAGES else (stage + 1, phase)
+                j += 1
+
+    actors = [producer(c) for c in range(CLUSTER)] + [consumer(c, w) for c in range(CLUSTER) for w in range(NWG)]
+    waits = [next(a, None) for a in actors]
+    while any(w is not None for w in waits) or inflight:
+        ready = [i for i, w in enumerate(waits) if w is not None and w()]
+        if inflight and (not ready or rnd.random() < 0.3):
+            cta, stage, box, j, bar, nbytes = inflight.pop(rnd.randrange(len(inflight)))
+            assert not reading[cta][stage], "a copy landed in a stage still being read"
+            content[cta][stage][box] = j
+            bar.complete_tx(nbytes)
+            continue
+        assert ready, "deadlock"
+        i = rnd.choice(ready)
+        waits[i] = next(actors[i], None)
 
 
 def _emulate(impl, layout, M, N, K, na, nb, limit, cfg, splits=1, vec=True, grid=None, ap=1):
@@ -394,15 +540,21 @@ def _emulate(impl, layout, M, N, K, na, nb, limit, cfg, splits=1, vec=True, grid
         assert pairs == [(0, 0), (1, 0)]
         npass, code = 1, 0
     parts = ([m for m, _ in a_mem], [m for m, _ in b_mem])
-    bk = cfg.get("BK", 64)
+    bk = cfg.get("BK", 64)  # the wgmma kernel's k-step is 64
     kt = -(-K // bk)
     chunk = -(-kt // splits)
     splits = -(-kt // chunk)
-    tiles = -(-M // cfg["BM"]) * -(-N // cfg["BN"])
-    grid = tiles if grid is None else min(grid, tiles)
+    if impl == "wgmma":
+        cl = cfg["CLUSTER"]
+        units = -(-M // (64 * cfg["NWG"])) * -(-N // (cfg["BN"] * cl))
+        grid = (units if grid is None else min(grid, units)) * cl  # grid: clusters
+    else:
+        tiles = -(-M // cfg["BM"]) * -(-N // cfg["BN"])
+        grid = tiles if grid is None else min(grid, tiles)
     args = (parts, code, npass, ap, M, N, K, a_mem[0][1], b_mem[0][1], a_k, b_k)
     if impl == "wgmma":
-        out = _emulate_wgmma(*args, cfg["BM"], cfg["BN"], cfg.get("BK", 64), cfg["STAGES"], chunk, splits, grid, vec)
+        out = _emulate_wgmma(*args, cfg["NWG"], cfg["BN"], cfg["STAGES"], cfg["PROMO"], cfg["CLUSTER"], chunk, splits,
+                             grid)
     else:
         out = _emulate_mma(*args, cfg["BM"], cfg["BN"], cfg["BK"], cfg["WM"], cfg["WN"], cfg["STAGES"], chunk,
                            splits, grid, vec)
@@ -422,11 +574,24 @@ def test_mma_kernel_index_math(layout):
 @pytest.mark.parametrize("layout", [(True, True), (True, False), (False, False)])
 def test_wgmma_kernel_index_math(layout):
     bn = 16 if layout[1] else 64
-    _emulate("wgmma", layout, 70, 20 if layout[1] else 70, 80, 2, 1, 1, dict(BM=128, BN=bn, STAGES=3), grid=1, ap=2)
-    _emulate("wgmma", layout, 64, 65, 130, 1, 3, 2, dict(BM=64, BN=64 if layout[1] else 128, STAGES=4),
-             splits=2, vec=False)
-    if not layout[0] and not layout[1]:  # d_weight's k steps of 32
-        _emulate("wgmma", layout, 130, 64, 100, 2, 1, 1, dict(BM=128, BN=64, BK=32, STAGES=6), splits=2, ap=2)
+    wg = dict(NWG=2, STAGES=3, PROMO=0, CLUSTER=1, PINGPONG=False)
+    # hi + lo parts a stage, two consumer warpgroups, an odd M and N, K with a partial step
+    _emulate("wgmma", layout, 70, 20 if layout[1] else 70, 80, 2, 1, 1, dict(wg, BN=bn), grid=1, ap=2)
+    # three passes, split K, one consumer warpgroup, persistent CTAs (grid 2 over several tiles)
+    _emulate("wgmma", layout, 64, 65, 130, 1, 3, 2, dict(wg, NWG=1, BN=64 if layout[1] else 128, STAGES=2),
+             splits=2, grid=2, vec=False)
+    # clusters of two sharing A (multicast halves), promotion every 2 steps (skewed per warpgroup)
+    _emulate("wgmma", layout, 130, 70 if layout[1] else 200, 260, 1, 1, 0,
+             dict(wg, BN=32 if layout[1] else 64, PROMO=2, CLUSTER=2), grid=1)
+
+
+@pytest.mark.parametrize("nwg, stages, cluster, promo, pingpong", [
+    (2, 3, 2, 0, False), (2, 2, 2, 4, False), (1, 2, 1, 0, False), (2, 7, 1, 8, False), (2, 3, 1, 2, False),
+    (2, 4, 1, 0, True), (2, 2, 1, 0, True), (2, 3, 2, 0, True)])
+def test_wgmma_pipeline_protocol(nwg, stages, cluster, promo, pingpong):
+    for seed in range(20):
+        spts = [1, 5, 3, 8, 2][: 2 + seed % 4] if not pingpong else [seed % 5 + 1] * (1 + seed % 5)
+        _simulate_pipeline(nwg, stages, cluster, promo, spts, seed, pingpong)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_shared_memory_fits_with_512_experts():
                 vec, threads, stages, shared = S._geometry(kind, d, gd)
                 extra = S.SEGMENT_BYTES * 513 if kind in ("bfwd", "bbwd") else 0
                 assert shared + extra <= S.SMEM_LIMIT
-                assert threads == 16 * 128 // vec
+                assert threads == 512  # 16 warps: 4 rows per thread (vec 8) or 8 (vec 4)
                 if "f32" not in (d, gd):
                     assert stages == 2 and vec == 8  # the bf16 paths keep the double buffer
 
@@ -213,12 +213,20 @@ def _plain_x(m, n2, dtype=torch.bfloat16, seed=0, scale=10.0):
     return (torch.randn(m, n2, device="cuda", generator=_gen(seed)) * scale).to(dtype)
 
 
-def _check_plain(outs, y, round_scale, mode=2):
+# The backward's da = g*b*sig(a)*(1 + a*(1 - sig(a))) crosses zero near a = -1.28, where the fp32
+# evaluation loses relative accuracy (an ulp-level error of exp becomes ~20 ulp of the result).
+# A block whose maximum lies there (only blocks of a few rows: a partial column block, a small
+# expert) then gets a round_scale=False scale a few 1e-6 off the float64 reference. The codes
+# are checked at full strictness; the scales of backward outputs get rtol 1e-5 instead of 2e-6.
+BWD_SCALE_RTOL = 1e-5
+
+
+def _check_plain(outs, y, round_scale, mode=2, scale_rtol=2e-6):
     q, s, qt, st = outs
     if mode != 1:
-        assert_rowwise(q, s, y, round_scale)
+        assert_rowwise(q, s, y, round_scale, scale_rtol=scale_rtol)
     if mode != 0:
-        assert_colwise(qt, st, y, round_scale)
+        assert_colwise(qt, st, y, round_scale, scale_rtol=scale_rtol)
 
 
 PLAIN_SHAPES = [(1, 256), (127, 512), (130, 16384), (1000, 1024), (300, 4096)]
@@ -288,7 +296,7 @@ def test_backward(m, n2, round_scale):
     assert dx.shape == (m, n2) and dxs.shape == (n2 // 128, m)
     assert dxt.shape == (n2, m) and dxts.shape == (cdiv(m, 128), n2)
     ref, _ = silu_grad_value(g, x)
-    _check_plain((dx, dxs, dxt, dxts), ref, round_scale)
+    _check_plain((dx, dxs, dxt, dxts), ref, round_scale, scale_rtol=BWD_SCALE_RTOL)
 
 
 @pytest.mark.gpu
@@ -345,7 +353,7 @@ def _batch_inputs(splits, n2, seed=0, wshape="col", wdtype=torch.float32, cdtype
     return x, w, counts
 
 
-def _check_segments(q, s, qt, st, y, splits, round_scale, mode=2):
+def _check_segments(q, s, qt, st, y, splits, round_scale, mode=2, scale_rtol=2e-6):
     R, n = y.shape
     nb = n // 128
     tiles = sum(cdiv(c, 128) for c in splits)
@@ -356,10 +364,11 @@ def _check_segments(q, s, qt, st, y, splits, round_scale, mode=2):
         if c:
             ye = y[o:o + c]
             if mode != 1:
-                assert_rowwise(q[o:o + c], s[o * nb:(o + c) * nb].view(nb, c), ye, round_scale, f"expert {e} rows")
+                assert_rowwise(q[o:o + c], s[o * nb:(o + c) * nb].view(nb, c), ye, round_scale, f"expert {e} rows",
+                               scale_rtol)
             if mode != 0:
                 assert_colwise(qt[o * n:(o + c) * n].view(n, c), st[tp * n:(tp + cdiv(c, 128)) * n].view(-1, n),
-                               ye, round_scale, f"expert {e} transposed")
+                               ye, round_scale, f"expert {e} transposed", scale_rtol)
         o, tp = o + c, tp + cdiv(c, 128)
 
 
@@ -422,7 +431,7 @@ def test_batch_backward(name, n2, round_scale):
     ref_dx, ref_dw = silu_grad_value(g, x, w)
     assert dw.shape == (R, 1) and dw.dtype == w.dtype
     assert rel(dw, ref_dw) <= 1e-5
-    _check_segments(dx, dxs, dxt, dxts, ref_dx, splits, round_scale)
+    _check_segments(dx, dxs, dxt, dxts, ref_dx, splits, round_scale, scale_rtol=BWD_SCALE_RTOL)
     _dirty_allocator()
     assert _same((dx, dxs, dw, dxt, dxts), batch_bwd(g, x, w, counts, round_scale=round_scale))
 

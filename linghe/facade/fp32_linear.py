@@ -24,28 +24,30 @@ partials ``fp32_gemm_reduce`` sums in a fixed order (deterministic).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 
 from .. import _validate as V
+from .. import runtime
 from ..kernel import Kernel, register_prewarm
-
-_GEMM_ARGS = ("ptr",) * 7 + ("i32", "i32") + ("i64",) * 8
 
 GEMM_MMA = Kernel(
     op="fp32_gemm_mma",
     template="fp32_gemm.cu.j2",
     entry="linghe_fp32_gemm_mma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "EVEN", "AP", "BM", "BN", "BK", "WM", "WN", "STAGES"),
-    arg_types=_GEMM_ARGS,
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "EVEN", "AP", "BM", "BN", "BK", "WM", "WN", "STAGES",
+            "PROMO"),
+    arg_types=("ptr",) * 7 + ("i32", "i32") + ("i64",) * 8,
 )
 GEMM_WGMMA = Kernel(
     op="fp32_gemm_wgmma",
     template="fp32_gemm_wgmma.cu.j2",
     entry="linghe_fp32_gemm_wgmma",
-    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "VEC", "EVEN", "AP", "BM", "BN", "BK", "STAGES"),
-    arg_types=_GEMM_ARGS,
+    params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "EVEN", "AP", "NWG", "BN", "STAGES", "PROMO", "CLUSTER", "PINGPONG"),
+    # tensor maps of A and B (by value), C, npass, pass code, M, N, K, ldc, k_chunk, C's split stride
+    arg_types=("struct", "struct", "ptr", "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i64"),
 )
 SPLIT = Kernel(
     op="fp32_gemm_split",
@@ -68,10 +70,18 @@ REDUCE = Kernel(
 #   dw:  d_w[e, d]       = sum_tok g[tok, e] x[tok, d]   A = g (M-major),   B = x (N-major)
 LAYOUTS = {"fwd": (True, True), "dx": (True, False), "dw": (False, False)}
 IMPLS = ("wgmma", "mma")
-_WGMMA_SMEM = 200 * 1024  # pipeline budget per CTA on sm_90 (227 KiB available)
+_WGMMA_SMEM = 227 * 1024  # dynamic shared memory a CTA may have on sm_90
 # FusedFp32GEMM.backward splits an fp32 grad_output into bf16 hi + lo (fp32-level gradients, twice
 # the tensor-core work); False rounds it to bf16 (one pass, bf16-level).
 SPLIT_GRAD_OUTPUT = True
+# Precision. The tensor cores accumulate fp32 with truncation: the error of one accumulation chain
+# grows linearly with its length (measured on an H200 at K = 2048 in one chain: 2.1e-6 relative, a plain
+# fp32 GEMM 2.5e-7). Chains are kept to at most 2 * CHAIN_K products of k (times the passes): the
+# kernels promote their MMA accumulators into fp32 registers every CHAIN_K (forward; d_input when
+# E is large: about 5e-7 relative). d_weight's split-K chunks hold at most DW_CHAIN products of k
+# (tokens times A parts; about 2e-6), their partials summed in fp32.
+CHAIN_K = 512
+DW_CHAIN = 2048
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -81,10 +91,10 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def _warps(bm: int, bn: int) -> tuple[int, int]:
-    """Up to 4 warps over a bm x bn tile, warp tiles of 16..64 rows/columns, as square as possible."""
+def _warps(bm: int, bn: int, max_warps: int = 4) -> tuple[int, int]:
+    """Up to max_warps warps over a bm x bn tile, warp tiles of 16..64 rows/columns, as square as possible."""
     wm = wn = 1
-    while wm * wn < 4:
+    while wm * wn < max_warps:
         if bm // wm >= bn // wn and bm // (2 * wm) >= 16:
             wm *= 2
         elif bn // (2 * wn) >= 16:
@@ -96,48 +106,64 @@ def _warps(bm: int, bn: int) -> tuple[int, int]:
     return wm, wn
 
 
+def _gemm_dims(kind: str, n_experts: int, dim: int) -> tuple:
+    """(M, N, K) of a GEMM as far as the model fixes them (None: the token count, known at run time)."""
+    return {"fwd": (None, n_experts, dim), "dx": (None, dim, n_experts), "dw": (n_experts, dim, None)}[kind]
+
+
 @functools.lru_cache(maxsize=None)
 def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> dict:
     """Tile constants of one GEMM for a model's (n_experts, dim); token counts stay run-time.
 
     ``ap``: A parts per pipeline stage (2 for the hi + lo split of grad_output against a bf16 operand).
     """
-    if kind == "fwd":
-        gm, gn = None, n_experts
-    elif kind == "dx":
-        gm, gn = None, dim
-    else:
-        gm, gn = n_experts, dim
+    gm, gn, gk = _gemm_dims(kind, n_experts, dim)
     a_k, b_k = LAYOUTS[kind]
     if impl == "wgmma":
-        bm = 128 if gm is None or gm > 64 else 64
-        # An N-major B tile is made of 64-wide swizzle atoms; a K-major one of 8-row groups. The
-        # forward keeps 128 x 128 tiles (8192 tokens x 256 experts is one wave of them); the
-        # gradients' wide N (dim) takes 128 x 256: half the operand traffic per product.
-        bn = _pow2(gn, 16, 128) if b_k else (256 if gn >= 256 else (128 if gn > 64 else 64))
-        # A K-major row is one 64-wide swizzle atom; all-MN-major tiles (d_weight) take k steps of 32,
-        # so that more (smaller) stages fit: a deeper prefetch for its long token loop.
-        bk = 64 if (a_k or b_k) else 32
-        stage = (ap * bm + bn) * bk * 2
-        stages = max(3, min(6, _WGMMA_SMEM // stage))
-        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, BK=bk, STAGES=stages)
+        nwg = 2 if gm is None or gm > 64 else 1
+        # The chain of a d_input tile (all of K = n_experts, both parts) is promoted only when long.
+        long_chain = kind == "fwd" or (kind == "dx" and gk * ap > 2 * CHAIN_K)
+        # d_input's K loop (n_experts) is short: ping-pong consumers (each warpgroup its own 128-row
+        # tiles) overlap one's epilogue with the other's MMAs; two accumulator sets: BN <= 128.
+        pingpong = kind == "dx" and nwg == 2 and not long_chain and gn > 64
+        if b_k:
+            bn = _pow2(gn, 16, 128)  # the forward: 8192 tokens x 256 experts is one wave of 128 x 128 tiles
+        elif long_chain or pingpong:
+            bn = 128 if gn > 64 else 64  # two accumulator sets of 64 x BN per warpgroup
+        else:
+            # d_weight's wide N (dim) takes 256-wide tiles: half the A traffic per product
+            bn = 256 if gn >= 256 else (128 if gn > 64 else 64)
+        promo = (CHAIN_K // 64) // ap if long_chain else 0  # k-steps of 64 per promotion chunk
+        stage = (nwg * ap * 64 + bn) * 64 * 2
+        stages = max(2, min(8, (_WGMMA_SMEM - 1024) // (stage + 16)))
+        # Clusters of 2 multicasting A (CLUSTER=2) measured slower on an H200: off.
+        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, NWG=nwg, BN=bn, STAGES=stages, PROMO=promo, CLUSTER=1,
+                    PINGPONG=pingpong)
     bm = 128 if gm is None else _pow2(gm, 16, 128)
     bn = _pow2(gn, 16, 128)
-    wm, wn = _warps(bm, bn)
+    promo = kind == "fwd" or (kind == "dx" and gk * ap > 2 * CHAIN_K)
+    wm, wn = _warps(bm, bn, 8 if promo else 4)  # promotion doubles the accumulators: smaller warp tiles
     # <= 99 KiB of shared memory: also fits sm_86/sm_89
-    return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, BK=32, WM=wm, WN=wn, STAGES=4 if ap == 1 else 3)
+    return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, BM=bm, BN=bn, BK=32, WM=wm, WN=wn, STAGES=4 if ap == 1 else 3,
+                PROMO=(CHAIN_K // 32) // ap if promo else 0)
 
 
 def smem_bytes(impl: str, c: dict) -> int:
     if impl == "wgmma":
-        return c["STAGES"] * (c["AP"] * c["BM"] + c["BN"]) * c["BK"] * 2 + 1024  # + slack for 1 KiB alignment
+        stage = (c["NWG"] * c["AP"] * 64 + c["BN"]) * 64 * 2
+        return c["STAGES"] * (stage + 16) + 1024  # + barriers, + slack for 1 KiB alignment
     a = (c["BM"] * (c["BK"] + 8)) if c["A_KMAJOR"] else (c["BK"] * (c["BM"] + 8))
     b = (c["BN"] * (c["BK"] + 8)) if c["B_KMAJOR"] else (c["BK"] * (c["BN"] + 8))
     return c["STAGES"] * (c["AP"] * a + b) * 2
 
 
 def threads(impl: str, c: dict) -> int:
-    return 128 * (c["BM"] // 64) if impl == "wgmma" else 32 * c["WM"] * c["WN"]
+    return 128 * (c["NWG"] + 1) if impl == "wgmma" else 32 * c["WM"] * c["WN"]
+
+
+def tile_shape(impl: str, c: dict) -> tuple[int, int, int]:
+    """(BM, BN, BK) of a configuration."""
+    return (64 * c["NWG"], c["BN"], 64) if impl == "wgmma" else (c["BM"], c["BN"], c["BK"])
 
 
 # ---- device facts (cached per device) ----------------------------------------------
@@ -166,6 +192,60 @@ def _impl(device: torch.device, impl) -> str:
     return impl
 
 
+# ---- TMA tensor maps ---------------------------------------------------------------
+class TmaDesc(ctypes.Structure):
+    """A CUtensorMap by value (128 opaque bytes) for the kernel's __grid_constant__ parameter."""
+    _fields_ = [("words", ctypes.c_uint64 * 16)]
+
+
+_ENCODE = None
+_TMA_CACHE: dict[tuple, TmaDesc] = {}
+_TMA_DTYPE = {"bf16": 9, "f16": 6}  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 / _FLOAT16
+
+
+def _encoder():
+    """cuTensorMapEncodeTiled of the driver (a host function: no device work, no synchronisation)."""
+    global _ENCODE
+    if _ENCODE is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _ENCODE = fn
+    return _ENCODE
+
+
+def tma_desc(ptr: int, tag: str, cols: int, rows: int, parts: int, ld: int, part_stride: int, box_rows: int,
+             box_parts: int, device_index: int) -> TmaDesc:
+    """Tensor map of a [parts][rows][cols] 16-bit tensor (row stride ld, part stride part_stride elements):
+    boxes of 64 columns x box_rows rows x box_parts parts, 128-byte swizzle, zeros outside (cached)."""
+    key = (ptr, tag, cols, rows, parts, ld, part_stride, box_rows, box_parts)
+    desc = _TMA_CACHE.get(key)
+    if desc is None:
+        if len(_TMA_CACHE) >= 256:
+            _TMA_CACHE.clear()
+        raw = ctypes.create_string_buffer(128 + 64)  # the encoder wants a 64-byte aligned map
+        addr = (ctypes.addressof(raw) + 63) & ~63
+        dims = (ctypes.c_uint64 * 3)(cols, rows, parts)
+        strides = (ctypes.c_uint64 * 2)(ld * 2, max(part_stride, ld * rows) * 2)
+        box = (ctypes.c_uint32 * 3)(64, box_rows, box_parts)
+        ones = (ctypes.c_uint32 * 3)(1, 1, 1)
+        # interleave none, swizzle 128B, L2 promotion 256B, out-of-bounds fill zeros
+        args = (addr, _TMA_DTYPE[tag], 3, ptr, dims, strides, box, ones, 0, 3, 3, 0)
+        err = _encoder()(*args)
+        if err == 201:  # CUDA_ERROR_INVALID_CONTEXT: a thread (autograd's) where no context is current yet
+            with runtime._Pushed(device_index):
+                err = _encoder()(*args)
+        if err != 0:
+            raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} for a [{parts}, {rows}, {cols}] "
+                               f"tensor (ld {ld}) at {ptr:#x}")
+        desc = TmaDesc()
+        ctypes.memmove(ctypes.addressof(desc), addr, 128)
+        _TMA_CACHE[key] = desc
+    return desc
+
+
 # ---- operands --------------------------------------------------------------------
 def _mma_tag(a_dtype, b_dtype) -> str:
     """f16 tensor cores when both operands are fp16; bf16 otherwise (other operands are split)."""
@@ -173,31 +253,45 @@ def _mma_tag(a_dtype, b_dtype) -> str:
 
 
 class _Operand:
-    """A 2-D GEMM operand as 16-bit parts with a common row stride; ``exact``: the parts sum to it."""
+    """A 2-D GEMM operand as 16-bit parts [part][rows][cols] (row stride ld, part stride pstride elements,
+    16-bit dtype tag); ``exact``: the parts sum to it."""
 
-    __slots__ = ("parts", "ld", "exact")
+    __slots__ = ("parts", "ld", "exact", "rows", "cols", "pstride", "tag")
 
-    def __init__(self, parts, ld, exact):
+    def __init__(self, parts, ld, exact, rows, cols, pstride, tag):
         self.parts, self.ld, self.exact = parts, ld, exact
+        self.rows, self.cols, self.pstride, self.tag = rows, cols, pstride, tag
+
+    def desc(self, box_rows: int, box_parts: int) -> TmaDesc:
+        t = self.parts[0]
+        return tma_desc(t.data_ptr(), self.tag, self.cols, self.rows, len(self.parts), self.ld, self.pstride, box_rows,
+                        box_parts, t.device.index)
 
 
-def _operand(t: torch.Tensor, mma: str, device, max_parts: int = 3) -> _Operand:
-    """``t`` itself when it has the MMA dtype, else its bf16 parts (all needed for exactness, at most max_parts)."""
+def _operand(t: torch.Tensor, mma: str, device, max_parts: int = 3, pad: bool = False) -> _Operand:
+    """``t`` itself when it has the MMA dtype, else its bf16 parts (all needed for exactness, at most
+    max_parts). ``pad``: rows of a multiple of 16 bytes (TMA), copying a 16-bit ``t`` if needed."""
+    rows, cols = t.shape
     if V.DTYPE_TAG[t.dtype] == mma:
         t = V.aligned(t)
-        return _Operand([t], t.shape[1], True)
+        if pad and cols % 8:
+            ld = -(-cols // 8) * 8
+            padded = torch.empty((rows, ld), dtype=t.dtype, device=device)
+            padded[:, :cols].copy_(t)
+            t = padded
+        return _Operand([t], t.shape[1], True, rows, cols, rows * t.shape[1], mma)
     need = 3 if t.dtype == torch.float32 else 2  # fp32: 24 significant bits; fp16: 11
     n = min(need, max_parts)
-    rows, cols = t.shape
-    ld = -(-cols // 8) * 8  # 16-byte rows for the GEMM's cp.async copies
-    parts = [torch.empty((rows, ld), dtype=torch.bfloat16, device=device) for _ in range(n)]
+    ld = -(-cols // 8) * 8  # 16-byte rows for the GEMMs' 16-byte copies
+    buf = torch.empty((n, rows, ld), dtype=torch.bfloat16, device=device)
+    parts = list(buf.unbind(0))
     if rows:
         s0, s1 = t.stride()
         contig = s1 == 1 and s0 % (16 // t.element_size()) == 0 and t.data_ptr() % 16 == 0
         ptrs = [p.data_ptr() for p in parts] + [0] * (3 - n)
         launch = SPLIT.launcher(device, V.DTYPE_TAG[t.dtype], n, contig)
         launch((V.cdiv(rows * (ld // 8), 256), 1, 1), (256, 1, 1), (t.data_ptr(), *ptrs, rows, cols, s0, s1, ld))
-    return _Operand(parts, ld, n == need)
+    return _Operand(parts, ld, n == need, rows, cols, rows * ld, "bf16")
 
 
 def _passes(a: _Operand, b: _Operand) -> tuple[list, int]:
@@ -232,56 +326,70 @@ def _schedule(na: int, a_exact: bool, nb: int, b_exact: bool) -> tuple[int, int,
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _plan(impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device):
-    """(launcher, k-step, shared bytes, threads, BM, BN, resident CTAs) of one GEMM specialisation (cached)."""
-    key = (impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device.index)
+def _plan(impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device, config=None):
+    """(launcher, config, shared bytes, threads, resident CTAs) of one GEMM specialisation (cached).
+    ``config`` overrides tile_config (tuning)."""
+    key = (impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device.index,
+           None if config is None else tuple(sorted(config.items())))
     plan = _PLANS.get(key)
     if plan is None:
-        c = tile_config(impl, kind, n_experts, dim, ap)
+        c = dict(tile_config(impl, kind, n_experts, dim, ap))
+        c.update(config or {})
         if impl == "wgmma":
-            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, even, ap, c["BM"],
-                                         c["BN"], c["BK"], c["STAGES"])
+            launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, even, ap, c["NWG"],
+                                         c["BN"], c["STAGES"], c["PROMO"], c["CLUSTER"], c["PINGPONG"])
         else:
             launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, even, ap, c["BM"],
-                                       c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"])
+                                       c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"], c["PROMO"])
         smem = smem_bytes(impl, c)
         launch.set_dynamic_smem(smem)
         nthreads = threads(impl, c)
         _, sms = _device_info(device)
-        resident = sms * (1 if impl == "wgmma" else 2 * (128 // nthreads))
-        plan = _PLANS[key] = (launch, c["BK"], smem, nthreads, c["BM"], c["BN"], resident)
+        resident = sms * max(1, launch.blocks_per_sm(nthreads, smem))
+        plan = _PLANS[key] = (launch, c, smem, nthreads, resident)
     return plan
 
 
 def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, out, device, splits=1,
-          k_chunk=None):
+          k_chunk=None, config=None):
     """C[M, N] (out, or fp32 partials [splits, M, N]) = sum over the part pairs of A_i . B_j^T."""
     vec = a.ld % 8 == 0 and b.ld % 8 == 0
     ap, npass, code = _schedule(len(a.parts), a.exact, len(b.parts), b.exact)
-    launch, bk, smem, nthreads, bm, bn, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, N % 2 == 0, ap,
-                                                         n_experts, dim, device)
+    launch, c, smem, nthreads, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, N % 2 == 0, ap,
+                                                n_experts, dim, device, config)
+    bm, bn, bk = tile_shape(impl, c)
     if k_chunk is None:
         k_chunk = -(-K // bk)
+    tiles = -(-M // bm) * -(-N // bn)
+    if impl == "wgmma":
+        cl = c["CLUSTER"]
+        units = -(-M // bm) * -(-N // (bn * cl))
+        # Persistent clusters: at most one resident wave, each walking units x, x + grid, ...
+        grid = min(units, max(1, resident // (splits * cl))) * cl
+        da = a.desc(64, ap)
+        db = b.desc(bn if c["B_KMAJOR"] else 64, 1)
+        launch((grid, 1, splits), (nthreads, 1, 1), (da, db, out.data_ptr(), npass, code, M, N, K, N, k_chunk, M * N),
+               smem=smem)
+        return
     pa, pb = a.parts, b.parts
     a0, a1, a2 = (t.data_ptr() for t in (pa + [pa[0]] * 2)[:3])  # unused parts: any valid pointer
     b0, b1, b2 = (t.data_ptr() for t in (pb + [pb[0]] * 2)[:3])
-    tiles = -(-M // bm) * -(-N // bn)
-    # Persistent CTAs: at most one resident wave, each walking tiles x, x + grid, ... with one pipeline.
     grid = min(tiles, max(1, resident // splits))
     launch((grid, 1, splits), (nthreads, 1, 1),
            (a0, a1, a2, b0, b1, b2, out.data_ptr(), npass, code, M, N, K, a.ld, b.ld, N, k_chunk, M * N), smem=smem)
 
 
-def _dw_splits(impl, n_experts, dim, tokens, device) -> tuple[int, int]:
-    """(splits, k-steps per split) for d_weight: enough CTAs for one wave, >= 8 k-steps each."""
-    c = tile_config(impl, "dw", n_experts, dim, 1)  # BM, BN and BK do not depend on AP
-    bk = c["BK"]
-    _, sms = _device_info(device)
+def _dw_splits(impl, n_experts, dim, tokens, ap, sms) -> tuple[int, int]:
+    """(splits, k-steps per split) for d_weight: enough CTAs for one wave, and chunks of at most
+    DW_CHAIN / ap tokens (one accumulation chain each; the partials are summed in fp32)."""
+    c = tile_config(impl, "dw", n_experts, dim, ap)
+    bm, bn, bk = tile_shape(impl, c)
     per_sm = 1 if impl == "wgmma" else 2
-    tiles = V.cdiv(n_experts, c["BM"]) * V.cdiv(dim, c["BN"])
+    tiles = V.cdiv(n_experts, bm) * V.cdiv(dim, bn)
     k_steps = V.cdiv(tokens, bk)
+    max_chunk = max(1, DW_CHAIN // (bk * ap))
     splits = max(1, min((sms * per_sm) // tiles, k_steps // 8))
-    chunk = V.cdiv(k_steps, splits)
+    chunk = min(V.cdiv(k_steps, splits), max_chunk)
     return V.cdiv(k_steps, chunk), chunk
 
 
@@ -314,8 +422,9 @@ def fp32_gemm_forward(input: torch.Tensor, weight: torch.Tensor, impl: str | Non
     if M == 0:
         return out
     mma = _mma_tag(input.dtype, weight.dtype)
-    _gemm(impl, "fwd", mma, _operand(x, mma, device), _operand(weight, mma, device), M, n_experts, dim, n_experts, dim,
-          out, device)
+    pad = impl == "wgmma"
+    _gemm(impl, "fwd", mma, _operand(x, mma, device, pad=pad), _operand(weight, mma, device, pad=pad), M, n_experts,
+          dim, n_experts, dim, out, device)
     return out
 
 
@@ -350,21 +459,23 @@ def fp32_gemm_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: t
 
     g = grad_output.reshape(M, n_experts)
     g_ops: dict[str, _Operand] = {}  # grad_output's parts, shared by both GEMMs
+    pad = impl == "wgmma"  # TMA needs 16-byte rows
 
     def grad(mma):
         if mma not in g_ops:
-            g_ops[mma] = _operand(g, mma, device, max_parts=2 if split else 1)
+            g_ops[mma] = _operand(g, mma, device, max_parts=2 if split else 1, pad=pad)
         return g_ops[mma]
 
     if need_input_grad:
         mma = _mma_tag(g.dtype, weight.dtype)
-        _gemm(impl, "dx", mma, grad(mma), _operand(weight, mma, device), M, dim, n_experts, n_experts, dim, dx,
-              device)
+        _gemm(impl, "dx", mma, grad(mma), _operand(weight, mma, device, pad=pad), M, dim, n_experts, n_experts, dim,
+              dx, device)
     if need_weight_grad:
         x = input.reshape(M, dim)
         mma = _mma_tag(g.dtype, x.dtype)
-        ga, xb = grad(mma), _operand(x, mma, device)
-        splits, chunk = _dw_splits(impl, n_experts, dim, M, device)
+        ga, xb = grad(mma), _operand(x, mma, device, pad=pad)
+        ap = _schedule(len(ga.parts), ga.exact, len(xb.parts), xb.exact)[0]
+        splits, chunk = _dw_splits(impl, n_experts, dim, M, ap, _device_info(device)[1])
         if splits == 1:
             _gemm(impl, "dw", mma, ga, xb, n_experts, dim, M, n_experts, dim, dw, device)
         else:
@@ -401,8 +512,9 @@ class FusedFp32GEMM(torch.autograd.Function):
 
 def _gemm_specs(impl, kind, n_experts, dim, mma, out, ap=1):
     c = dict(tile_config(impl, kind, n_experts, dim, ap))
-    kernel = GEMM_WGMMA if impl == "wgmma" else GEMM_MMA
-    return kernel, dict(c, MMA=mma, OUT=out, VEC=True, EVEN=True)
+    if impl == "wgmma":
+        return GEMM_WGMMA, dict(c, MMA=mma, OUT=out, EVEN=True)
+    return GEMM_MMA, dict(c, MMA=mma, OUT=out, VEC=True, EVEN=True)
 
 
 @register_prewarm("fp32_gemm")

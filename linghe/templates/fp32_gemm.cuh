@@ -91,23 +91,56 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// Make writes of the generic proxy (cp.async, st.shared) visible to the tensor cores' async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keep the compiler from touching accumulators while a wgmma that owns them is in flight.
 template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
     #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
 
-// 128B-swizzled layouts (one swizzle atom = 8 rows of 128 bytes = 1024 bytes; the 16-byte chunk j
-// of row r within an atom is stored at chunk position j ^ r).
-// K-major tile [rows][64 k]: row r, chunk j (k = 8j..8j+7).
-__device__ __forceinline__ u32 sw128_kmajor(int r, int j) {
-    return (u32)((r >> 3) * 1024 + (r & 7) * 128 + ((j ^ (r & 7)) << 4));
+// ---- TMA and mbarriers (sm_90) ---------------------------------------------------
+// A CUtensorMap (128 opaque bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
+struct __align__(64) TmaDesc { u64 w[16]; };
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
 }
-// MN-major tile [64 k][MN] stored as [k/8][MN/64][8 k][64 mn]: k-row r, chunk j (mn = 8j..8j+7).
-template <int MN> __device__ __forceinline__ u32 sw128_mnmajor(int r, int j) {
-    return (u32)(((r >> 3) * (MN / 64) + (j >> 3)) * 1024 + (r & 7) * 128 + (((j & 7) ^ (r & 7)) << 4));
+// Make the initialised barriers visible to the async proxy (TMA) and to the other CTAs of the cluster.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// Spin until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as complete).
+// The loop lives inside one asm block: no data-dependent branch for the compiler to call divergent.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
+                 :: "r"(bar), "r"(parity) : "memory");
+}
+// Arrive on the barrier at the same shared offset in CTA `rank` of the cluster (this CTA included).
+template <int CLUSTER> __device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 rank) {
+    if constexpr (CLUSTER == 1) {
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+    } else {
+        u32 remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+        // (no .release.cluster: that costs a GPU-wide MEMBAR per arrival; the consumers publish no data,
+        // they only say that their wgmmas, complete, no longer read the stage)
+        asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" :: "r"(remote) : "memory");
+    }
+}
+// 3-D tiled TMA load (coordinates innermost first) into this CTA's shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load3(u32 dst, const TmaDesc* map, int c0, int c1, int c2, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}
+// The same box written at offset `dst` (and its bytes signalled on `bar`) in every CTA of `mask`.
+__device__ __forceinline__ void tma_load3_multicast(u32 dst, const TmaDesc* map, int c0, int c1, int c2, u32 bar,
+                                                    u16 mask) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3, %4}], [%5], %6;\n"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask) : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* map) {
+    asm volatile("prefetch.tensormap [%0];\n" :: "l"((u64)map) : "memory");
 }
 
 // ---- epilogue ---------------------------------------------------------------------

@@ -20,11 +20,12 @@ template <typename E, int VEC> struct Chunk {
         #pragma unroll
         for (int i = 0; i < WORDS; ++i) w[i] = 0u;
     }
-    __device__ __forceinline__ void load(const void* p) {
+    // CS: streaming (evict-first) access, for data touched once.
+    template <bool CS = false> __device__ __forceinline__ void load(const void* p) {
         if constexpr (BYTES % 16 == 0) {
             #pragma unroll
             for (int i = 0; i < BYTES / 16; ++i) {
-                const vec16 v = ld16((const u8*)p + 16 * i);
+                const vec16 v = CS ? ld16_stream((const u8*)p + 16 * i) : ld16((const u8*)p + 16 * i);
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) w[4 * i + j] = v.w[j];
             }
@@ -39,14 +40,19 @@ template <typename E, int VEC> struct Chunk {
             w[0] = h;
         }
     }
-    __device__ __forceinline__ void store(void* p) const {
+    template <bool CS = false> __device__ __forceinline__ void store(void* p) const {
         if constexpr (BYTES % 16 == 0) {
             #pragma unroll
             for (int i = 0; i < BYTES / 16; ++i) {
-                vec16 v;
-                #pragma unroll
-                for (int j = 0; j < 4; ++j) v.w[j] = w[4 * i + j];
-                st16((u8*)p + 16 * i, v);
+                if constexpr (CS) {
+                    asm volatile("st.global.cs.v4.u32 [%0], {%1,%2,%3,%4};" :: "l"((u8*)p + 16 * i), "r"(w[4 * i]),
+                                 "r"(w[4 * i + 1]), "r"(w[4 * i + 2]), "r"(w[4 * i + 3]) : "memory");
+                } else {
+                    vec16 v;
+                    #pragma unroll
+                    for (int j = 0; j < 4; ++j) v.w[j] = w[4 * i + j];
+                    st16((u8*)p + 16 * i, v);
+                }
             }
         } else if constexpr (BYTES == 8) {
             st8(p, w[0], w[1]);
@@ -96,46 +102,18 @@ template <int H, int HKV, int T, int TP, int SP, int VEC> struct Item {
     }
 };
 
-// sin and cos of an angle in radians, as accurate as the library's sincosf (max error 0.6 ulp over
-// the fast range) but light on registers. sincosf inlines its Payne-Hanek branch for huge angles,
-// whose 2/pi table and 64-bit arithmetic raised the kernels' register count by 20-30 even though the
-// branch never runs for real angles; here that branch is a call made only for |a| > 105615.
-struct SinCos { float s, c; };
 
-__device__ __noinline__ SinCos sincos_huge(float a) {
-    SinCos r;
-    sincosf(a, &r.s, &r.c);
-    return r;
+// Ask L2 for the 128-byte lines of one head row [p, p + bytes): thread t of the T threads of the head
+// takes lines t, t+T, ... One request per line, instead of one per thread and vector (those made the
+// backward's L2 request rate its busiest unit).
+template <int T> __device__ __forceinline__ void prefetch_row_l2(const void* p, int bytes, int t) {
+    const u64 a = (u64)p, end = a + (u64)bytes;
+    for (u64 line = (a & ~(u64)127) + (u64)t * 128; line < end; line += (u64)T * 128) prefetch_l2((const void*)line);
 }
 
-// Quadrant-shifted kernel: sin(r) for even q, cos(r) for odd q, negated for q & 2.
-__device__ __forceinline__ float sincos_poly(float r, float r2, int q) {
-    float p;
-    if (q & 1) {
-        p = fmaf(2.44331571e-5f, r2, -1.38873163e-3f);
-        p = fmaf(p, r2, 4.16666457e-2f);
-        p = fmaf(p, r2, -0.5f);
-        p = fmaf(p, r2, 1.0f);
-    } else {
-        p = fmaf(-1.95152959e-4f, r2, 8.33216087e-3f);
-        p = fmaf(p, r2, -1.66666546e-1f);
-        p = fmaf(p * r2, r, r);
-    }
-    return (q & 2) ? -p : p;
-}
-
-__device__ __forceinline__ SinCos sincos_rad(float a) {
-    if (!(fabsf(a) <= 105615.0f)) return sincos_huge(a);  // NaN goes there too
-    // a = j*pi/2 + r, |r| <= pi/4: j rounded by the 1.5*2^23 trick, pi/2 in three parts (Cody-Waite).
-    float j = fmaf(a, 0.636619772f, 12582912.0f);
-    const int q = __float_as_int(j);
-    j -= 12582912.0f;
-    float r = fmaf(j, -1.57079601e+00f, a);
-    r = fmaf(j, -3.13916473e-07f, r);
-    r = fmaf(j, -5.39030253e-15f, r);
-    const float r2 = r * r;
-    SinCos out;
-    out.s = sincos_poly(r, r2, q);
-    out.c = sincos_poly(r, r2, q + 1);
-    return out;
+// Asynchronous copy of one chunk (4, 8 or 16 bytes, aligned to its size) from global memory to the
+// shared-memory address dst.
+template <int BYTES> __device__ __forceinline__ void cp_async_chunk(u32 dst, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(gmem), "n"(BYTES) : "memory");
 }

@@ -22,7 +22,7 @@ UNROLL = 4          # 16-byte loads in flight per thread
 MAX_TPR = 512       # threads per row for large vocabularies
 MIN_THREADS = 256   # CTA size when several short rows share a CTA
 MAX_VOCAB = 1 << 30  # in-row indices are 32-bit in the kernels
-BWD_ALIGN = 128     # bytes: the backward's warp accesses follow this grid, whatever V does to row starts
+BWD_ALIGN = 512     # bytes: the backward's warp accesses follow this grid, whatever V does to row starts
 
 LABEL_DTYPES = (torch.int64, torch.int32)
 LABEL_TAG = {torch.int64: "i64", torch.int32: "i32"}

@@ -70,7 +70,7 @@ def _tile_geometry(N, DTYPE, FUSED):
     threads = 512                             # TileQuant with 4 (2-byte x) or 8 (fp32 x) rows per thread
     stages = 2
     tqbuf = 2 if FUSED else 1
-    smem = stages * slab + tqbuf * _tq_bytes(threads) + 2 * 128 * 4 + 128 * 4
+    smem = stages * slab + tqbuf * _tq_bytes(threads) + 2 * cluster * 128 * 4 + 128 * 4 + 16
     per_sm = 1 if FUSED or _BYTES[DTYPE] == 4 else 2
     return cluster, chunks, slab, threads, stages, tqbuf, smem, per_sm
 

@@ -25,6 +25,7 @@ from ..kernel import Kernel, register_prewarm
 FWD_WORDS, FWD_CTA = 8, 256
 BWD_WORDS, BWD_CTA = 8, 1024
 BWD_MIN_THREADS = 1024  # threads per SM the backward's register budget must allow (__launch_bounds__)
+BWD_ONE_PASS = True     # hold a token's slices in registers across the group reduction (else re-read them)
 MAX_THREAD_ELEMS = 64   # elements of one tensor a thread holds per pass
 MAX_PASSES = 16         # passes over groups per token (unrolled in the kernel)
 MAX_ACC_SMEM = 160 * 1024   # the backward's dweight sums in shared memory, T * dim * 4 bytes
@@ -72,9 +73,17 @@ def _fwd_context(DIM, G, XDTYPE, GDTYPE, WDTYPE):
     return _fwd_geometry(DIM, G, XDTYPE, GDTYPE)
 
 
+@lru_cache(maxsize=None)
 def _bwd_context(DIM, G, XDTYPE, GDTYPE, WDTYPE, DDTYPE):
+    """The backward's layout plus its launch bound, pass mode and dynamic shared memory (SMEM bytes)."""
     geo = _bwd_geometry(DIM, G, XDTYPE, GDTYPE, DDTYPE)
-    return dict(geo, MIN_BLOCKS=max(1, BWD_MIN_THREADS // geo["THREADS"]))
+    elem = max(_BYTES[t] for t in (XDTYPE, GDTYPE, DDTYPE))
+    # One pass holds about BWD_WORDS registers per tensor across the reduction and keeps the weights
+    # as fp32 in shared memory after the dweight sums.
+    one_pass = (BWD_ONE_PASS and geo["NPT"] * geo["VE"] * elem <= 4 * BWD_WORDS
+                and geo["SMEM"] + 4 * DIM <= MAX_ACC_SMEM)
+    return dict(geo, MIN_BLOCKS=max(1, BWD_MIN_THREADS // geo["THREADS"]), ONE_PASS=one_pass,
+                SMEM=geo["SMEM"] + (4 * DIM if one_pass else 0))
 
 
 FWD = Kernel(
@@ -199,6 +208,7 @@ def group_norm_gate_backward(grad, x, gate, weight, eps=1e-6, group_size=4):
     tags = (V.DTYPE_TAG[x.dtype], V.DTYPE_TAG[gate.dtype], V.DTYPE_TAG[weight.dtype], V.DTYPE_TAG[grad.dtype])
     geo = _bwd_geometry(dim, G, tags[0], tags[1], tags[3])
     _check_size(dim, G, (geo, True))
+    geo = _bwd_context(dim, G, *tags)
     device = V.devices(grad=grad, x=x, gate=gate, weight=weight)
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
     dgate = torch.empty((S, B, dim), dtype=gate.dtype, device=device)

@@ -21,6 +21,7 @@ from ..kernel import Kernel, register_prewarm
 
 MAX_THREADS = 512   # per CTA; more head slots than fit are split into passes (grid.y)
 REDUCE_ROWS = 32    # rows of partials summed in parallel per column by the weight-gradient reduction
+REDUCE_UNROLL = 16  # loads in flight per thread of that reduction
 _ESIZE = {"bf16": 2, "f16": 2, "f32": 4}
 
 
@@ -48,38 +49,33 @@ def _plan(H: int, HKV: int, D: int, esize: int, vec_bytes: int) -> dict:
 
 
 FWD_VEC_BYTES, BWD_VEC_BYTES = 16, 8
-# Tokens per CTA (teams of NT threads, at most 1024 threads), and the threads per SM that the register
-# budget must allow (__launch_bounds__ min-blocks = that // CTA threads; 0: no hint).
-FWD_TOKENS, FWD_MIN_THREADS = 1, 960
-BWD_TOKENS, BWD_MIN_THREADS = 1, 768
-BWD_SMEM_LIMIT = 40 * 1024   # static shared memory of the backward (per-warp cos/sin, weights, dw partial)
-
-
-def _teams(nt: int, want: int) -> int:
-    return max(1, min(want, 1024 // nt))
-
-
-def _min_blocks(threads: int, per_sm: int) -> int:
-    return max(1, per_sm // threads)
+# Forward: tokens per CTA (teams of NT threads; the weights and the CTA start are shared) and the
+# threads per SM its register budget must allow (__launch_bounds__ min-blocks = that // CTA threads).
+FWD_TOKENS, FWD_MIN_THREADS = 2, 960
+FWD_STREAM = False   # evict-first loads and stores
+# Backward: it loops over tokens and relies on several CTAs per SM to keep enough reads in flight;
+# with BWD_STAGES >= 2 each thread also keeps its next BWD_STAGES - 1 tokens in flight through cp.async
+# (0: plain loads plus an L2 prefetch of the next token).
+BWD_MIN_THREADS = 576
+BWD_STAGES = 3
+BWD_SMEM = 44 * 1024   # static shared memory the backward may use (of 48 KiB)
 
 
 @lru_cache(maxsize=None)
 def _fwd_context(H, HKV, D, DTYPE, QWDTYPE, KWDTYPE):
     plan = _plan(H, HKV, D, _ESIZE[DTYPE], FWD_VEC_BYTES)
-    tok = _teams(plan["NT"], FWD_TOKENS)
-    return dict(plan, TOK=tok, MIN_BLOCKS=_min_blocks(plan["NT"] * tok, FWD_MIN_THREADS))
+    tok = max(1, min(FWD_TOKENS, 1024 // plan["NT"]))
+    return dict(plan, TOK=tok, MIN_BLOCKS=max(1, FWD_MIN_THREADS // (plan["NT"] * tok)), CS=FWD_STREAM)
 
 
 @lru_cache(maxsize=None)
 def _bwd_context(H, HKV, D, DTYPE, GDTYPE, QWDTYPE, KWDTYPE):
     plan = _plan(H, HKV, D, max(_ESIZE[DTYPE], _ESIZE[GDTYPE]), BWD_VEC_BYTES)
-    tok = _teams(plan["NT"], BWD_TOKENS)
-    # Each warp keeps cos/sin of D/2 angles: fewer teams where that would not fit.
-    while tok > 1 and (plan["NT"] * tok // 32 * D + 4 * D) * 4 > BWD_SMEM_LIMIT:
-        tok -= 1
-    # It loops over tokens and relies on several warps per SM to keep enough reads in flight: ask
-    # ptxas for registers that let BWD_MIN_THREADS threads share an SM.
-    return dict(plan, TOK=tok, MIN_BLOCKS=_min_blocks(plan["NT"] * tok, BWD_MIN_THREADS))
+    chunks = [plan["VEC"] * _ESIZE[t] for t in (DTYPE, GDTYPE)]  # bytes of one vector of qkv, of the grads
+    stages = BWD_STAGES if min(chunks) >= 4 else 0  # cp.async copies 4, 8 or 16 bytes
+    while stages >= 2 and stages * 4 * plan["NT"] * sum(chunks) + 32 * D > BWD_SMEM:
+        stages -= 1
+    return dict(plan, MIN_BLOCKS=max(1, BWD_MIN_THREADS // plan["NT"]), STAGES=stages if stages >= 2 else 0)
 
 
 ROPE_FWD = Kernel(
@@ -108,7 +104,7 @@ ROPE_WGRAD = Kernel(
     entry="linghe_qk_norm_half_rope_wgrad",
     params=("D", "QWDTYPE", "KWDTYPE"),
     arg_types=("ptr", "i64", "ptr", "ptr"),
-    context=lambda D, QWDTYPE, KWDTYPE: {"ROWS": REDUCE_ROWS},
+    context=lambda D, QWDTYPE, KWDTYPE: {"ROWS": REDUCE_ROWS, "UNROLL": REDUCE_UNROLL},
 )
 
 
@@ -271,11 +267,10 @@ def qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_nor
     qw, kw, f = q_norm_weight.contiguous(), k_norm_weight.contiguous(), freqs.contiguous()
     tag = V.DTYPE_TAG
     launch = ROPE_BWD.launcher(device, H, h, D, tag[x.dtype], tag[gq.dtype], tag[qw.dtype], tag[kw.dtype])
-    tok = _bwd_context(H, h, D, tag[x.dtype], tag[gq.dtype], tag[qw.dtype], tag[kw.dtype])["TOK"]
     passes, threads = plan["PASSES"], plan["NT"]
-    ctas = min(V.cdiv(tokens, tok), max(1, _resident_ctas(launch, threads * tok) // passes))
+    ctas = min(tokens, max(1, _resident_ctas(launch, threads) // passes))
     partial = torch.empty((passes * ctas, 2, D), dtype=torch.float32, device=device)
-    launch((ctas, passes, 1), (threads, tok, 1),
+    launch((ctas, passes, 1), (threads, 1, 1),
            (x.data_ptr(), xs[0], xs[1],
             gq.data_ptr(), gqs[0], gqs[1], gqs[2], gk.data_ptr(), gks[0], gks[1], gks[2],
             gv.data_ptr(), gvs[0], gvs[1], gvs[2],

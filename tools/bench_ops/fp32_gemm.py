@@ -4,10 +4,16 @@ Forward and backward (fp32 grad_output, both gradients) against cuBLAS: a bf16 G
 (torch.mm with out_dtype where this torch has it, else the fp32 GEMM of up-cast copies). Extra rows:
 the backward with grad_output rounded to bf16 (split=False), and on Hopper the mma.sync kernels.
 """
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from benchlib import Case
+if __name__ == "__main__":  # run as a script (development): tools/ and the repository on the path
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+from benchlib import Case  # noqa: E402
 from linghe.facade.fp32_linear import fp32_gemm_backward, fp32_gemm_forward
 
 B, S, E, K = 2, 4096, 256, 2048
@@ -75,3 +81,127 @@ def cases():
                 g, x, w, impl="mma"), BWD_FLOOR, flops=2 * FLOPS),
         ]
     return out
+
+
+# ---- development: python3 tools/bench_ops/fp32_gemm.py --smoke | --sweep -------------------------------
+def _smoke() -> bool:
+    """Errors of every GEMM against float64 at a few shapes, both kernel families (quick, prints a table)."""
+    from linghe.facade import fp32_linear as G
+    from linghe.reference.gemm import ref_fp32_gemm_backward, ref_fp32_gemm_forward
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    ok = True
+    impls = ["wgmma", "mma"] if torch.cuda.get_device_capability() == (9, 0) else ["mma"]
+    for lead, e, k in [((2, 4096), 256, 2048), ((77,), 8, 16384), ((3, 37), 13, 100), ((1000,), 160, 1088),
+                       ((300,), 512, 64), ((5,), 1, 1), ((4096,), 256, 8192)]:
+        gen = torch.Generator(device="cuda").manual_seed(e + k)
+        x = torch.randn(*lead, k, device="cuda", generator=gen).bfloat16()
+        w = torch.randn(e, k, device="cuda", generator=gen).bfloat16()
+        g = torch.randn(*lead, e, device="cuda", generator=gen) * 1e-3
+        y_ref = ref_fp32_gemm_forward(x, w)
+        dx_ref, dw_ref = ref_fp32_gemm_backward(g, x, w)
+        for impl in impls:
+            y = G.fp32_gemm_forward(x, w, impl=impl)
+            dx, dw = G.fp32_gemm_backward(g, x, w, grad_dtype=torch.float32, impl=impl)
+            torch.cuda.synchronize()
+            errs = (rel(y, y_ref), rel(dx, dx_ref), rel(dw, dw_ref))
+            bad = not (errs[0] <= 1e-5 and errs[1] <= 2e-5 and (dw.numel() < 64 or errs[2] <= 2e-5))
+            ok &= not bad
+            print(f"{'FAIL' if bad else 'ok  '} {impl:6s} lead={lead} E={e} K={k}: logits {errs[0]:.2e} "
+                  f"dx {errs[1]:.2e} dw {errs[2]:.2e}", flush=True)
+    return ok
+
+
+def _sweep():
+    """Tile / cluster / promotion variants of each GEMM at the benchmark shape, next to cuBLAS."""
+    from bench import time_us
+
+    from linghe.facade import fp32_linear as G
+
+    dev = torch.device("cuda")
+    x = torch.randn(B, S, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, K, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(B, S, E, device="cuda") * 1e-3
+    x2, g2 = x.view(M, K), g.view(M, E)
+    xo, wo = G._operand(x2, "bf16", dev, pad=True), G._operand(w, "bf16", dev, pad=True)
+    g_split = G._operand(g2, "bf16", dev, max_parts=2, pad=True)
+    g_one = G._operand(g2, "bf16", dev, max_parts=1, pad=True)
+    y = torch.empty(M, E, device="cuda")
+    dx = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+    rows = []
+
+    def t(name, fn, flops):
+        us = time_us(fn, reps=30)
+        rows.append((name, us, flops / us / 1e6))
+        print(f"{name:58s} {us:8.1f} us {flops / us / 1e6:7.1f} TFLOP/s", flush=True)
+
+    mm = _mm_fp32_out()
+    gb = g2.bfloat16()
+    if mm is not None:
+        t("cuBLAS fwd torch.mm(bf16, out fp32)", lambda: mm(x2, w.t()), FLOPS)
+        t("cuBLAS dx mm(g bf16, w) -> fp32", lambda: mm(gb, w), FLOPS)
+        t("cuBLAS dw mm(g^T bf16, x) -> fp32", lambda: mm(gb.t(), x2), FLOPS)
+    t("cuBLAS bf16 dx gb @ w", lambda: gb @ w, FLOPS)
+    t("cuBLAS bf16 dw gb.t() @ x", lambda: gb.t() @ x2, FLOPS)
+    for impl in ("wgmma", "mma"):
+        t(f"{impl} forward (default)", lambda: fp32_gemm_forward(x, w, impl=impl), FLOPS)
+        t(f"{impl} backward split (default)", lambda: fp32_gemm_backward(g, x, w, impl=impl), 4 * FLOPS)
+        t(f"{impl} backward split=False", lambda: fp32_gemm_backward(g, x, w, split=False, impl=impl), 2 * FLOPS)
+    t("split kernel g -> hi, lo", lambda: G._operand(g2, "bf16", dev, max_parts=2, pad=True), 0)
+    for cfg in ({}, {"CLUSTER": 1}, {"PROMO": 0}, {"STAGES": 4}, {"CLUSTER": 1, "PROMO": 0}, {"PROMO": 16}):
+        t(f"fwd {cfg}", lambda: G._gemm("wgmma", "fwd", "bf16", xo, wo, M, E, K, E, K, y, dev, config=cfg or None),
+          FLOPS)
+    for ga, tag, f in ((g_split, "split", 2 * FLOPS), (g_one, "bf16 g", FLOPS)):
+        for cfg in ({}, {"CLUSTER": 1}, {"BN": 128, "STAGES": 4}, {"BN": 128, "STAGES": 4, "CLUSTER": 1}):
+            t(f"dx {tag} {cfg}", lambda: G._gemm("wgmma", "dx", "bf16", ga, wo, M, K, E, E, K, dx, dev,
+                                                 config=cfg or None), f)
+        ap = 2 if ga is g_split else 1
+        for cfg in ({}, {"CLUSTER": 1}, {"BN": 128, "STAGES": 4}):
+            bn = cfg.get("BN", 256)
+            tiles = 2 * (K // bn)
+            kt = M // 64
+            chunk = min(max(1, G.DW_CHAIN // (64 * ap)), -(-kt // max(1, 132 // tiles)))
+            splits = -(-kt // chunk)
+            part = torch.empty(splits, E, K, device="cuda")
+            t(f"dw {tag} {cfg} splits={splits}", lambda: G._gemm("wgmma", "dw", "bf16", ga, xo, E, K, M, E, K, part,
+                                                                 dev, splits=splits, k_chunk=chunk,
+                                                                 config=cfg or None), f)
+
+
+def _sass(out_dir):
+    """SASS of the cached wgmma GEMM cubins (cuobjdump) into out_dir, with a count of key instructions."""
+    import glob
+    import json
+    import os
+    import re
+    import subprocess
+
+    root = os.environ.get("LINGHE_CACHE_DIR", "/tmp/linghe-cache")
+    for meta_path in sorted(glob.glob(f"{root}/**/*.json", recursive=True)):
+        meta = json.load(open(meta_path))
+        if meta.get("op") != "fp32_gemm_wgmma":
+            continue
+        c = meta["constants"]
+        tag = "_".join(f"{k}{v}" for k, v in c.items() if k in ("A_KMAJOR", "B_KMAJOR", "AP", "BN", "OUT", "PROMO",
+                                                                 "CLUSTER", "STAGES"))
+        sass = subprocess.run(["cuobjdump", "-sass", meta_path[:-5] + ".cubin"], capture_output=True, text=True).stdout
+        counts = {op: len(re.findall(op, sass)) for op in ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "LDL", "STL",
+                                                           "UTMALDG", "SYNCS")}
+        print(tag, counts, flush=True)
+        fwd = c["B_KMAJOR"] and c["PROMO"] == 8 and c["CLUSTER"] == 2 and c["STAGES"] == 7
+        dx = c["A_KMAJOR"] and not c["B_KMAJOR"] and c["AP"] == 2 and c["CLUSTER"] == 2 and c["BN"] == 256
+        if fwd or dx:
+            with open(os.path.join(out_dir, f"sass_{tag}.txt"[:120]), "w") as handle:
+                handle.write(sass)
+
+
+if __name__ == "__main__":
+    if "--sass" in sys.argv:
+        _sass(sys.argv[-1])
+
+    if "--smoke" in sys.argv:
+        sys.exit(0 if _smoke() else 1)
+    if "--sweep" in sys.argv:
+        _sweep()
