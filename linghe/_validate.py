@@ -77,3 +77,4 @@ def integer(name: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+

@@ -53,8 +53,11 @@ def test_other_specs_compile(tmp_path, kernel, constants):
 def test_wgmma_kernel_renders_the_warpgroup_mma():
     c = G.tile_config("wgmma", "dx", 256, 2048, 2)
     src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", EVEN=True))
-    assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in src
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in src
     assert "p, 1, 1, 0, 1;" in src  # A K-major, B N-major (transposed)
+    assert "constexpr bool PINGPONG = true" in src
+    c = dict(G.tile_config("wgmma", "dw", 256, 2048, 2), CLUSTER=2)
+    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="f32", EVEN=True))
     assert "__cluster_dims__(2, 1, 1)" in src and "tma_load3_multicast(" in src
 
 
@@ -445,6 +448,7 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False):
     content = [[{} for _ in range(STAGES)] for _ in range(CLUSTER)]  # box -> global step that filled it
     reading = [[set() for _ in range(STAGES)] for _ in range(CLUSTER)]  # warpgroups not yet released
     inflight = []  # TMA copies: (cta, stage, box, step, barrier, bytes)
+    issued = [set() for _ in range(CLUSTER)]  # ping-pong: tiles whose mainloop waits are all passed
     total = sum(spts)
 
     def producer(cta):
@@ -481,6 +485,8 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False):
             if pingpong and i % NWG != wg:
                 skip(spt)
                 continue
+            if pingpong and i > 0:  # named barrier: the other warpgroup has issued tile i - 1
+                yield lambda: (i - 1) in issued[cta]
             pending = None
             for st in range(spt):
                 yield lambda: full[cta][stage].passed(phase)
@@ -488,6 +494,8 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False):
                 assert len(boxes) == NWG + 1 and all(v == j for v in boxes.values()), (boxes, j)
                 reading[cta][stage].add(wg)
                 groups.append(stage)
+                if pingpong and st == spt - 1:
+                    issued[cta].add(i)
                 yield lambda: True  # the group runs while others move
                 if st == spt - 1 or (PROMO and (st + 1 + skew) % PROMO == 0):
                     retire(0)

@@ -139,6 +139,13 @@ __device__ __forceinline__ void tma_load3_multicast(u32 dst, const TmaDesc* map,
                  " [%0], [%1, {%2, %3, %4}], [%5], %6;\n"
                  :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask) : "memory");
 }
+// Named barriers (ids 1..15; 0 is __syncthreads): sync waits for `count` threads, arrive does not wait.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* map) {
     asm volatile("prefetch.tensormap [%0];\n" :: "l"((u64)map) : "memory");
 }
