@@ -45,6 +45,21 @@ template <typename E, int VE> struct Packed {
         }
     }
 
+    // The vector at shared-memory address a (aligned to its size).
+    __device__ __forceinline__ void load_shared(u32 a) {
+        if constexpr (BYTES >= 16) {
+            #pragma unroll
+            for (int i = 0; i < BYTES / 16; ++i)
+                asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[4 * i]), "=r"(w[4 * i + 1]),
+                             "=r"(w[4 * i + 2]), "=r"(w[4 * i + 3]) : "r"(a + 16 * i));
+        } else if constexpr (BYTES == 8) {
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(a));
+        } else {
+            static_assert(BYTES == 4, "staged vectors are 4, 8 or 16+ bytes");
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[0]) : "r"(a));
+        }
+    }
+
     // Element i as fp32 (i is a compile-time constant after unrolling). Little-endian: element 2k is
     // the low half of word k.
     __device__ __forceinline__ float get(int i) const {
@@ -148,5 +163,20 @@ template <int TPG, int NVAL> __device__ __forceinline__ void group_reduce(float 
             for (int k = 0; k < WPG; ++k) s += buf[(first + k) * NVAL + i];
             v[i] = s;
         }
+    }
+}
+
+// Asynchronous copy of one vector (4, 8 or a multiple of 16 bytes, aligned) from global memory to the
+// shared-memory address dst; zeros, and no read, when !valid.
+template <int BYTES> __device__ __forceinline__ void cp_async_vec(u32 dst, const void* src, bool valid) {
+    if constexpr (BYTES >= 16) {
+        #pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst + 16 * i),
+                         "l"((const u8*)src + 16 * i), "r"(valid ? 16 : 0) : "memory");
+    } else {
+        static_assert(BYTES == 4 || BYTES == 8, "cp.async copies 4, 8 or 16 bytes");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(BYTES),
+                     "r"(valid ? BYTES : 0) : "memory");
     }
 }

@@ -20,12 +20,11 @@ template <typename E, int VEC> struct Chunk {
         #pragma unroll
         for (int i = 0; i < WORDS; ++i) w[i] = 0u;
     }
-    // CS: streaming (evict-first) access, for data touched once.
-    template <bool CS = false> __device__ __forceinline__ void load(const void* p) {
+    __device__ __forceinline__ void load(const void* p) {
         if constexpr (BYTES % 16 == 0) {
             #pragma unroll
             for (int i = 0; i < BYTES / 16; ++i) {
-                const vec16 v = CS ? ld16_stream((const u8*)p + 16 * i) : ld16((const u8*)p + 16 * i);
+                const vec16 v = ld16((const u8*)p + 16 * i);
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) w[4 * i + j] = v.w[j];
             }
@@ -40,19 +39,14 @@ template <typename E, int VEC> struct Chunk {
             w[0] = h;
         }
     }
-    template <bool CS = false> __device__ __forceinline__ void store(void* p) const {
+    __device__ __forceinline__ void store(void* p) const {
         if constexpr (BYTES % 16 == 0) {
             #pragma unroll
             for (int i = 0; i < BYTES / 16; ++i) {
-                if constexpr (CS) {
-                    asm volatile("st.global.cs.v4.u32 [%0], {%1,%2,%3,%4};" :: "l"((u8*)p + 16 * i), "r"(w[4 * i]),
-                                 "r"(w[4 * i + 1]), "r"(w[4 * i + 2]), "r"(w[4 * i + 3]) : "memory");
-                } else {
-                    vec16 v;
-                    #pragma unroll
-                    for (int j = 0; j < 4; ++j) v.w[j] = w[4 * i + j];
-                    st16((u8*)p + 16 * i, v);
-                }
+                vec16 v;
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) v.w[j] = w[4 * i + j];
+                st16((u8*)p + 16 * i, v);
             }
         } else if constexpr (BYTES == 8) {
             st8(p, w[0], w[1]);
@@ -104,8 +98,7 @@ template <int H, int HKV, int T, int TP, int SP, int VEC> struct Item {
 
 
 // Ask L2 for the 128-byte lines of one head row [p, p + bytes): thread t of the T threads of the head
-// takes lines t, t+T, ... One request per line, instead of one per thread and vector (those made the
-// backward's L2 request rate its busiest unit).
+// takes lines t, t+T, ... One request per line, instead of one per thread and vector.
 template <int T> __device__ __forceinline__ void prefetch_row_l2(const void* p, int bytes, int t) {
     const u64 a = (u64)p, end = a + (u64)bytes;
     for (u64 line = (a & ~(u64)127) + (u64)t * 128; line < end; line += (u64)T * 128) prefetch_l2((const void*)line);

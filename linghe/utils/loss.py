@@ -23,6 +23,7 @@ MAX_TPR = 512       # threads per row for large vocabularies
 MIN_THREADS = 256   # CTA size when several short rows share a CTA
 MAX_VOCAB = 1 << 30  # in-row indices are 32-bit in the kernels
 BWD_ALIGN = 512     # bytes: the backward's warp accesses follow this grid, whatever V does to row starts
+                    # (H200, V = 157175: 16 -> 1524/1743 us out of/in place, 128 -> 1417/1410, 512 -> 1360/1351)
 
 LABEL_DTYPES = (torch.int64, torch.int32)
 LABEL_TAG = {torch.int64: "i64", torch.int32: "i32"}
@@ -53,7 +54,7 @@ def _backward_context(DTYPE, LABEL, GDTYPE, TPR):
     # 3 resident CTAs of 512 threads (<= 42 registers): one CTA's per-row start-up latency is
     # covered by the others' streams.
     return {"PASS": "bwd", "ROWS": _rows(TPR), "UNROLL": UNROLL, "MIN_BLOCKS": max(1, 1536 // (TPR * _rows(TPR))),
-            "ALIGN": BWD_ALIGN}
+            "ALIGN": min(BWD_ALIGN, 16 * TPR)}  # a warp's first step skips < TPR vectors
 
 
 CE_FORWARD = Kernel(

@@ -20,12 +20,14 @@ from ..kernel import Kernel, register_prewarm
 
 # Tuning: 32-bit words of one tensor a thread holds per pass (its vectors of x, gate, grad), and the
 # CTA size aimed at. The forward has one CTA per few tokens. The backward keeps its grid at the GPU's
-# resident capacity, so a larger CTA means fewer dweight partial rows; at 1024 threads it must fit
-# 64 registers, which 8 words per tensor do.
+# resident capacity (here two 512-thread CTAs per SM); 1024 threads per SM must fit 64 registers,
+# which 8 words per tensor do, in one pass too (the weights then live in shared memory).
 FWD_WORDS, FWD_CTA = 8, 256
-BWD_WORDS, BWD_CTA = 8, 1024
+BWD_WORDS, BWD_CTA = 8, 512
 BWD_MIN_THREADS = 1024  # threads per SM the backward's register budget must allow (__launch_bounds__)
 BWD_ONE_PASS = True     # hold a token's slices in registers across the group reduction (else re-read them)
+BWD_STAGED = True       # one pass: copy the next tile into shared memory while computing this one
+MAX_BWD_SMEM = 200 * 1024   # the backward's dynamic shared memory, all parts
 MAX_THREAD_ELEMS = 64   # elements of one tensor a thread holds per pass
 MAX_PASSES = 16         # passes over groups per token (unrolled in the kernel)
 MAX_ACC_SMEM = 160 * 1024   # the backward's dweight sums in shared memory, T * dim * 4 bytes
@@ -82,8 +84,15 @@ def _bwd_context(DIM, G, XDTYPE, GDTYPE, WDTYPE, DDTYPE):
     # as fp32 in shared memory after the dweight sums.
     one_pass = (BWD_ONE_PASS and geo["NPT"] * geo["VE"] * elem <= 4 * BWD_WORDS
                 and geo["SMEM"] + 4 * DIM <= MAX_ACC_SMEM)
-    return dict(geo, MIN_BLOCKS=max(1, BWD_MIN_THREADS // geo["THREADS"]), ONE_PASS=one_pass,
-                SMEM=geo["SMEM"] + (4 * DIM if one_pass else 0))
+    smem = geo["SMEM"] + (4 * DIM if one_pass else 0)
+    # Staged: one tile of x, gate and grad slices per thread waits in shared memory (cp.async moves 4,
+    # 8 or 16-byte pieces).
+    vec_bytes = [geo["VE"] * _BYTES[t] for t in (XDTYPE, GDTYPE, DDTYPE)]
+    stage = geo["NPT"] * geo["THREADS"] * sum(vec_bytes)
+    staged = (one_pass and BWD_STAGED and geo["NP"] == 1 and min(vec_bytes) >= 4
+              and all(b <= 8 or b % 16 == 0 for b in vec_bytes) and smem + 16 + stage <= MAX_BWD_SMEM)
+    return dict(geo, MIN_BLOCKS=max(1, BWD_MIN_THREADS // geo["THREADS"]), ONE_PASS=one_pass, STAGED=staged,
+                SMEM=smem + (16 + stage if staged else 0))
 
 
 FWD = Kernel(

@@ -51,13 +51,12 @@ def _plan(H: int, HKV: int, D: int, esize: int, vec_bytes: int) -> dict:
 FWD_VEC_BYTES, BWD_VEC_BYTES = 16, 8
 # Forward: tokens per CTA (teams of NT threads; the weights and the CTA start are shared) and the
 # threads per SM its register budget must allow (__launch_bounds__ min-blocks = that // CTA threads).
-FWD_TOKENS, FWD_MIN_THREADS = 2, 960
-FWD_STREAM = False   # evict-first loads and stores
+FWD_TOKENS, FWD_MIN_THREADS = 1, 1152
 # Backward: it loops over tokens and relies on several CTAs per SM to keep enough reads in flight;
 # with BWD_STAGES >= 2 each thread also keeps its next BWD_STAGES - 1 tokens in flight through cp.async
 # (0: plain loads plus an L2 prefetch of the next token).
 BWD_MIN_THREADS = 576
-BWD_STAGES = 3
+BWD_STAGES = 2
 BWD_SMEM = 44 * 1024   # static shared memory the backward may use (of 48 KiB)
 
 
@@ -65,7 +64,7 @@ BWD_SMEM = 44 * 1024   # static shared memory the backward may use (of 48 KiB)
 def _fwd_context(H, HKV, D, DTYPE, QWDTYPE, KWDTYPE):
     plan = _plan(H, HKV, D, _ESIZE[DTYPE], FWD_VEC_BYTES)
     tok = max(1, min(FWD_TOKENS, 1024 // plan["NT"]))
-    return dict(plan, TOK=tok, MIN_BLOCKS=max(1, FWD_MIN_THREADS // (plan["NT"] * tok)), CS=FWD_STREAM)
+    return dict(plan, TOK=tok, MIN_BLOCKS=max(1, FWD_MIN_THREADS // (plan["NT"] * tok)))
 
 
 @lru_cache(maxsize=None)
