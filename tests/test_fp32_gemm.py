@@ -36,9 +36,11 @@ def test_prewarm_specs_compile(tmp_path, arch):
 
 
 @pytest.mark.parametrize("kernel, constants", [
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", EVEN=False)),
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", EVEN=True)),
-    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dx", 4096, 2048, 2), MMA="bf16", OUT="bf16", EVEN=True)),  # promotes
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 13, 100), MMA="f16", OUT="f32", EVEN=False, STV=False)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dw", 8, 64, 2), MMA="bf16", OUT="f16", EVEN=True, STV=True)),
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "dx", 4096, 2048, 2), MMA="bf16", OUT="bf16", EVEN=True,
+                        STV=True)),  # promotes
+    (G.GEMM_WGMMA, dict(G.tile_config("wgmma", "fwd", 256, 2048), MMA="bf16", OUT="f32", EVEN=True, STV=True)),
     (G.GEMM_MMA, dict(G.tile_config("mma", "dw", 16, 16), MMA="f16", OUT="f32", VEC=False, EVEN=False)),
     (G.GEMM_MMA, dict(G.tile_config("mma", "fwd", 13, 100), MMA="bf16", OUT="f32", VEC=False, EVEN=False)),
     (G.SPLIT, dict(IN="f32", PARTS=3, CONTIG=False)),
@@ -52,12 +54,12 @@ def test_other_specs_compile(tmp_path, kernel, constants):
 
 def test_wgmma_kernel_renders_the_warpgroup_mma():
     c = G.tile_config("wgmma", "dx", 256, 2048, 2)
-    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", EVEN=True))
+    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="bf16", EVEN=True, STV=True))
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in src
     assert "p, 1, 1, 0, 1;" in src  # A K-major, B N-major (transposed)
     assert "constexpr bool PINGPONG = true" in src
     c = dict(G.tile_config("wgmma", "dw", 256, 2048, 2), CLUSTER=2)
-    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="f32", EVEN=True))
+    src = G.GEMM_WGMMA.render(G.GEMM_WGMMA.spec("sm_90a", **c, MMA="bf16", OUT="f32", EVEN=True, STV=False))
     assert "__cluster_dims__(2, 1, 1)" in src and "tma_load3_multicast(" in src
 
 
@@ -340,14 +342,12 @@ def _tma_box(smem, dst, mem, ld, rows, cols, c0, c1, c2, box_rows, box_parts):
 
 
 def _emulate_wgmma(parts, code, npass, ap, M, N, K, lda, ldb, a_k, b_k, NWG, BN, STAGES, PROMO, CLUSTER, k_chunk,
-                   splits, grid, KRES=False, KSTEPS=0, KPAIR=False):
-    """fp32_gemm_wgmma.cu.j2 step by step: the units of each CTA, the producer's TMA boxes (coordinates,
-    destinations, multicast split, the K-resident A region), the consumers' descriptors, promotion
-    chunks, the K-pair hand-over and the epilogue mapping. grid: (x, y) CTAs."""
+                   splits, grid):
+    """fp32_gemm_wgmma.cu.j2 step by step: the producer's TMA boxes (coordinates, destinations, multicast
+    split), the consumers' descriptors, promotion chunks and the epilogue mapping."""
     BM, BOX = 64 * NWG, 8192
     A_BYTES, B_BYTES = NWG * ap * BOX, BN * 128
-    STAGE = B_BYTES if KRES else A_BYTES + B_BYTES
-    ARES = KSTEPS * A_BYTES if KRES else 0
+    STAGE = A_BYTES + B_BYTES
     A_LBO, A_KSTEP = (16, 32) if a_k else (BOX, 2048)
     B_LBO, B_KSTEP = (16, 32) if b_k else (BOX, 2048)
     a_rows, a_cols = (M, K) if a_k else (K, M)
@@ -355,88 +355,60 @@ def _emulate_wgmma(parts, code, npass, ap, M, N, K, lda, ldb, a_k, b_k, NWG, BN,
     n_tiles = -(-N // BN)
     n_groups = -(-n_tiles // CLUSTER)
     units, kt_all = -(-M // BM) * n_groups, -(-K // 64)
-    cdim = 2 if KPAIR else CLUSTER
-    gx, gy = grid
-    assert gx % cdim == 0 and NWG % CLUSTER == 0
-    out, pair = {}, {}
+    assert grid % CLUSTER == 0 and NWG % CLUSTER == 0
+    out = {}
     for bz in range(splits):
-        for by in range(gy):
-            for bx in range(gx):
-                cid, ncl, rank = bx // cdim, gx // cdim, bx % cdim
-                per_n = -(-n_tiles // gy)
-                n_first = by * per_n
-                if KRES:
-                    my_units = max(0, min(n_tiles, n_first + per_n) - n_first)
-                    tiles = [(bx * BM, (n_first + i) * BN) for i in range(my_units)]
-                elif KPAIR:
-                    tiles = [(cid // n_tiles * BM, cid % n_tiles * BN)]
-                else:
-                    my_units = (units - 1 - cid) // ncl + 1 if cid < units else 0
-                    tiles = [((cid + i * ncl) // n_groups * BM, (((cid + i * ncl) % n_groups) * CLUSTER + rank) * BN)
-                             for i in range(my_units)]
-                half = (kt_all + 1) // 2
-                kt_begin = rank * half if KPAIR else bz * k_chunk
-                kt_end = min(kt_all, kt_begin + (half if KPAIR else k_chunk))
-                nk = max(0, kt_end - kt_begin)
-                spt = nk * npass
-                smem, stage = {}, 0
-                if KRES and tiles:  # the resident A region, loaded once
-                    assert npass == 1 and nk <= KSTEPS
+        for bx in range(grid):
+            cid, ncl, rank = bx // CLUSTER, grid // CLUSTER, bx % CLUSTER
+            my_units = (units - 1 - cid) // ncl + 1 if cid < units else 0
+            kt_begin = bz * k_chunk
+            nk = max(0, min(kt_all, kt_begin + k_chunk) - kt_begin)
+            spt = nk * npass
+            smem, stage = {}, 0
+            for i in range(my_units):
+                u = cid + i * ncl
+                m0, n0 = u // n_groups * BM, ((u % n_groups) * CLUSTER + rank) * BN
+                acc = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
+                accf = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
+                fresh = [True] * NWG
+                st = 0
+                for p in range(npass):
+                    cd = (code >> (4 * p)) & 15
+                    pa, pb = cd & 3, cd >> 2
                     for kk in range(nk):
+                        k0 = (kt_begin + kk) * 64
+                        sa = stage * STAGE
+                        sb = sa + A_BYTES
+                        # A box h is issued by rank h % CLUSTER and multicast: the same bytes in every CTA
+                        assert sorted(h for r in range(CLUSTER) for h in range(NWG) if h % CLUSTER == r) == list(range(NWG))
                         for h in range(NWG):
-                            _tma_box(smem, kk * A_BYTES + h * ap * BOX, parts[0], lda, a_rows, a_cols,
-                                     (kt_begin + kk) * 64, bx * BM + 64 * h, 0, 64, ap)
-                for m0, n0 in tiles:
-                    acc = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
-                    accf = [torch.zeros(64, BN, dtype=torch.float64) for _ in range(NWG)]
-                    fresh = [True] * NWG
-                    st = 0
-                    for p in range(npass):
-                        cd = (code >> (4 * p)) & 15
-                        pa, pb = cd & 3, cd >> 2
-                        for kk in range(nk):
-                            k0 = (kt_begin + kk) * 64
-                            ss = ARES + stage * STAGE
-                            sa = kk * A_BYTES if KRES else ss
-                            sb = ss if KRES else ss + A_BYTES
-                            if not KRES:
-                                # A box h is issued by rank h % CLUSTER and multicast: the same bytes everywhere
-                                for h in range(NWG):
-                                    c0, c1 = (k0, m0 + 64 * h) if a_k else (m0 + 64 * h, k0)
-                                    _tma_box(smem, sa + h * ap * BOX, parts[0], lda, a_rows, a_cols, c0, c1, pa, 64, ap)
-                            if b_k:
-                                _tma_box(smem, sb, parts[1], ldb, b_rows, b_cols, k0, n0, pb, BN, 1)
-                            else:
-                                for a in range(BN // 64):
-                                    _tma_box(smem, sb + a * BOX, parts[1], ldb, b_rows, b_cols, n0 + 64 * a, k0, pb,
-                                             64, 1)
-                            for wg in range(NWG):  # (ping-pong: one warpgroup, both 64-row blocks: same addresses)
-                                skew = wg * (PROMO // 2) if PROMO else 0
-                                for s in range(4):
-                                    bmat = _desc_read(smem, sb + s * B_KSTEP, B_LBO, 1024, b_k, BN)
-                                    for pp in range(ap):
-                                        amat = _desc_read(smem, sa + (wg * ap + pp) * BOX + s * A_KSTEP, A_LBO, 1024,
-                                                          a_k, 64)
-                                        keep = 0.0 if (s == 0 and pp == 0 and fresh[wg]) else 1.0  # scale-d
-                                        acc[wg] = keep * acc[wg] + amat @ bmat.t()
-                                fresh[wg] = st == spt - 1 or bool(PROMO and (st + 1 + skew) % PROMO == 0)
-                                if fresh[wg]:  # the chain ends: promote
-                                    accf[wg] += acc[wg]
-                            st += 1
-                            stage = (stage + 1) % STAGES
-                    if KPAIR:  # CTA 1's partial goes to CTA 0, which adds it to its own (in this order)
-                        if rank == 0:
-                            pair[cid] = accf
-                            continue
-                        mine = pair.pop(cid)
-                        accf = [mine[w] + accf[w] for w in range(NWG)]
-                    for wg in range(NWG):  # epilogue: row 16 w + g (+8), column 8j + 2t (+1) of 64-row block wg
-                        for r in range(64):
-                            for col_in in range(BN):
-                                row, col = m0 + 64 * wg + r, n0 + col_in
-                                if row < M and col < N:
-                                    assert (bz, row, col) not in out
-                                    out[(bz, row, col)] = float(accf[wg][r, col_in])
+                            c0, c1 = (k0, m0 + 64 * h) if a_k else (m0 + 64 * h, k0)
+                            _tma_box(smem, sa + h * ap * BOX, parts[0], lda, a_rows, a_cols, c0, c1, pa, 64, ap)
+                        if b_k:
+                            _tma_box(smem, sb, parts[1], ldb, b_rows, b_cols, k0, n0, pb, BN, 1)
+                        else:
+                            for a in range(BN // 64):
+                                _tma_box(smem, sb + a * BOX, parts[1], ldb, b_rows, b_cols, n0 + 64 * a, k0, pb, 64, 1)
+                        for wg in range(NWG):
+                            skew = wg * (PROMO // 2) if PROMO else 0
+                            for s in range(4):
+                                bmat = _desc_read(smem, sb + s * B_KSTEP, B_LBO, 1024, b_k, BN)
+                                for pp in range(ap):
+                                    amat = _desc_read(smem, sa + (wg * ap + pp) * BOX + s * A_KSTEP, A_LBO, 1024, a_k, 64)
+                                    keep = 0.0 if (s == 0 and pp == 0 and fresh[wg]) else 1.0  # scale-d
+                                    acc[wg] = keep * acc[wg] + amat @ bmat.t()
+                            fresh[wg] = st == spt - 1 or bool(PROMO and (st + 1 + skew) % PROMO == 0)
+                            if fresh[wg]:  # the chain ends: promote
+                                accf[wg] += acc[wg]
+                        st += 1
+                        stage = (stage + 1) % STAGES
+                for wg in range(NWG):  # epilogue: element (row 16 w + g (+8), column 8j + 2t (+1)) of warpgroup wg
+                    for r in range(64):
+                        for col_in in range(BN):
+                            row, col = m0 + 64 * wg + r, n0 + col_in
+                            if row < M and col < N:
+                                assert (bz, row, col) not in out
+                                out[(bz, row, col)] = float(accf[wg][r, col_in])
     return out
 
 
@@ -463,20 +435,17 @@ class _Bar:
         return (self.phase & 1) != parity
 
 
-def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False, kres=False):
+def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False):
     """The wgmma kernel's producer / consumer protocol on one cluster, interleaved at random, with TMA
     copies landing late: no deadlock, every consumer step reads the bytes of its own step, and no copy
     lands in a stage that a consumer warpgroup of that CTA has not released. spts: steps of each unit
     (the kernel's units all have the same count; varying it here only stresses the ring). pingpong:
-    consumer warpgroup w takes units w, w + NWG, ... and passes over the others' stages. kres: the A
-    boxes land once in their own region (one barrier), the stages hold B only."""
+    consumer warpgroup w takes units w, w + NWG, ... and passes over the others' stages."""
     import random
     rnd = random.Random(seed)
     BOXA, BYTES_B = 8192, 4096
     stage_bytes = NWG * BOXA + BYTES_B
     full = [[_Bar(1) for _ in range(STAGES)] for _ in range(CLUSTER)]
-    a_full = [_Bar(1) for _ in range(CLUSTER)]
-    a_region = [{} for _ in range(CLUSTER)]
     empty = [[_Bar((1 if pingpong else NWG) * CLUSTER) for _ in range(STAGES)] for _ in range(CLUSTER)]
     content = [[{} for _ in range(STAGES)] for _ in range(CLUSTER)]  # box -> global step that filled it
     reading = [[set() for _ in range(STAGES)] for _ in range(CLUSTER)]  # warpgroups not yet released
@@ -486,14 +455,10 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False, 
 
     def producer(cta):
         stage, phase = 0, 0
-        if kres:
-            a_full[cta].arrive(tx=NWG * BOXA)
-            for h in range(NWG):
-                inflight.append((cta, None, ("a", h), -1, a_full[cta], BOXA))
         for j in range(total):
             yield lambda: empty[cta][stage].passed(phase ^ 1)
-            full[cta][stage].arrive(tx=BYTES_B if kres else stage_bytes)
-            for h in range(0 if kres else NWG):
+            full[cta][stage].arrive(tx=stage_bytes)
+            for h in range(NWG):
                 if h % CLUSTER == cta:
                     for dst in range(CLUSTER):  # multicast
                         inflight.append((dst, stage, ("a", h), j, full[dst][stage], BOXA))
@@ -518,9 +483,6 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False, 
             for _ in range(n):
                 stage, phase = (0, phase ^ 1) if stage + 1 == STAGES else (stage + 1, phase)
                 j += 1
-        if kres:
-            yield lambda: a_full[cta].passed(0)
-            assert len(a_region[cta]) == NWG
         for i, spt in enumerate(spts):
             if pingpong and i % NWG != wg:
                 skip(spt)
@@ -531,7 +493,7 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False, 
             for st in range(spt):
                 yield lambda: full[cta][stage].passed(phase)
                 boxes = content[cta][stage]
-                assert len(boxes) == (1 if kres else NWG + 1) and all(v == j for v in boxes.values()), (boxes, j)
+                assert len(boxes) == NWG + 1 and all(v == j for v in boxes.values()), (boxes, j)
                 reading[cta][stage].add(wg)
                 groups.append(stage)
                 if pingpong and st == spt - 1:
@@ -557,10 +519,6 @@ def _simulate_pipeline(NWG, STAGES, CLUSTER, PROMO, spts, seed, pingpong=False, 
         ready = [i for i, w in enumerate(waits) if w is not None and w()]
         if inflight and (not ready or rnd.random() < 0.3):
             cta, stage, box, j, bar, nbytes = inflight.pop(rnd.randrange(len(inflight)))
-            if stage is None:  # the resident A
-                a_region[cta][box] = j
-                bar.complete_tx(nbytes)
-                continue
             assert not reading[cta][stage], "a copy landed in a stage still being read"
             content[cta][stage][box] = j
             bar.complete_tx(nbytes)
@@ -598,21 +556,15 @@ def _emulate(impl, layout, M, N, K, na, nb, limit, cfg, splits=1, vec=True, grid
     splits = -(-kt // chunk)
     if impl == "wgmma":
         cl = cfg["CLUSTER"]
-        m_tiles, n_tiles = -(-M // (64 * cfg["NWG"])), -(-N // cfg["BN"])
-        if cfg.get("KRES"):
-            grid = (m_tiles, grid or 1)  # grid: CTAs a row tile
-        elif cfg.get("KPAIR"):
-            grid = (2 * m_tiles * n_tiles, 1)
-        else:
-            units = m_tiles * -(-n_tiles // cl)
-            grid = ((units if grid is None else min(grid, units)) * cl, 1)  # grid: clusters
+        units = -(-M // (64 * cfg["NWG"])) * -(-N // (cfg["BN"] * cl))
+        grid = (units if grid is None else min(grid, units)) * cl  # grid: clusters
     else:
         tiles = -(-M // cfg["BM"]) * -(-N // cfg["BN"])
         grid = tiles if grid is None else min(grid, tiles)
     args = (parts, code, npass, ap, M, N, K, a_mem[0][1], b_mem[0][1], a_k, b_k)
     if impl == "wgmma":
         out = _emulate_wgmma(*args, cfg["NWG"], cfg["BN"], cfg["STAGES"], cfg["PROMO"], cfg["CLUSTER"], chunk, splits,
-                             grid, cfg.get("KRES", False), cfg.get("KSTEPS", 0), cfg.get("KPAIR", False))
+                             grid)
     else:
         out = _emulate_mma(*args, cfg["BM"], cfg["BN"], cfg["BK"], cfg["WM"], cfg["WN"], cfg["STAGES"], chunk,
                            splits, grid, vec)
@@ -641,21 +593,69 @@ def test_wgmma_kernel_index_math(layout):
     # clusters of two sharing A (multicast halves), promotion every 2 steps (skewed per warpgroup)
     _emulate("wgmma", layout, 130, 70 if layout[1] else 200, 260, 1, 1, 0,
              dict(wg, BN=32 if layout[1] else 64, PROMO=2, CLUSTER=2), grid=1)
-    # K pairs: two CTAs a tile, each half of K (odd step count), CTA 1's partial added to CTA 0's
-    _emulate("wgmma", layout, 70, 40 if layout[1] else 64, 200, 1, 1, 0, dict(wg, BN=32 if layout[1] else 64,
-                                                                         KPAIR=True))
-    if layout == (True, False):  # d_input: the K-resident A, two CTAs a row tile (grid y), hi + lo parts
-        _emulate("wgmma", layout, 130, 320, 150, 2, 1, 1, dict(wg, BN=64, KRES=True, KSTEPS=3), grid=2, ap=2)
 
 
-@pytest.mark.parametrize("nwg, stages, cluster, promo, pingpong, kres", [
-    (2, 3, 2, 0, False, False), (2, 2, 2, 4, False, False), (1, 2, 1, 0, False, False), (2, 7, 1, 8, False, False),
-    (2, 3, 1, 2, False, False), (2, 4, 1, 0, True, False), (2, 2, 1, 0, True, False), (2, 3, 2, 0, True, False),
-    (2, 6, 1, 0, True, True), (2, 2, 1, 0, True, True)])
-def test_wgmma_pipeline_protocol(nwg, stages, cluster, promo, pingpong, kres):
+@pytest.mark.parametrize("nwg, stages, cluster, promo, pingpong", [
+    (2, 3, 2, 0, False), (2, 2, 2, 4, False), (1, 2, 1, 0, False), (2, 7, 1, 8, False), (2, 3, 1, 2, False),
+    (2, 4, 1, 0, True), (2, 2, 1, 0, True), (2, 3, 2, 0, True)])
+def test_wgmma_pipeline_protocol(nwg, stages, cluster, promo, pingpong):
     for seed in range(20):
         spts = [1, 5, 3, 8, 2][: 2 + seed % 4] if not pingpong else [seed % 5 + 1] * (1 + seed % 5)
-        _simulate_pipeline(nwg, stages, cluster, promo, spts, seed, pingpong, kres)
+        _simulate_pipeline(nwg, stages, cluster, promo, spts, seed, pingpong)
+
+
+def _shfl_xor(vals, m):
+    return [vals[lane ^ m] for lane in range(32)]
+
+
+@pytest.mark.parametrize("out_bytes", [2, 4])
+def test_vector_epilogue_exchange(out_bytes):
+    """The STV epilogue's lane exchanges (fp32_gemm_wgmma.cu.j2, `store`), emulated lane by lane: every
+    lane ends with 16 contiguous bytes of its row, and every element of the fragment lands once."""
+    BN = 64
+    # fragment: lane (g, t) holds v[4j + q] = element (row g + 8 (q >= 2), column 8j + 2t + (q & 1))
+    v = [[(g + 8 * (q >= 2)) * 1000 + 8 * j + 2 * t + (q & 1) for j in range(BN // 8) for q in range(4)]
+         for lane in range(32) for g, t in [(lane >> 2, lane & 3)]]
+    got = {}
+    for qq in range(2):
+        if out_bytes == 2:
+            for c4 in range(BN // 32):
+                a = [[(v[ln][4 * (4 * c4 + i) + 2 * qq], v[ln][4 * (4 * c4 + i) + 2 * qq + 1]) for i in range(4)]
+                     for ln in range(32)]
+                b = [[None] * 4 for _ in range(32)]
+                for i in range(4):
+                    r = _shfl_xor([a[ln][i ^ 2] for ln in range(32)], 2)
+                    for ln in range(32):
+                        b[ln][i] = r[ln] if ((i ^ (ln & 3)) & 2) else a[ln][i]
+                for i in range(4):
+                    r = _shfl_xor([b[ln][i ^ 1] for ln in range(32)], 1)
+                    for ln in range(32):
+                        a[ln][i] = r[ln] if ((i ^ (ln & 3)) & 1) else b[ln][i]
+                for ln in range(32):
+                    col = 8 * (4 * c4 + (ln & 3))
+                    got[(ln, qq)] = got.get((ln, qq), []) + [(col, [x for pair in a[ln] for x in pair])]
+        else:
+            for p in range(BN // 16):
+                x0 = [v[ln][8 * p + 2 * qq] for ln in range(32)]
+                x1 = [v[ln][8 * p + 2 * qq + 1] for ln in range(32)]
+                y0 = [v[ln][8 * p + 4 + 2 * qq] for ln in range(32)]
+                y1 = [v[ln][8 * p + 4 + 2 * qq + 1] for ln in range(32)]
+                odd = [bool(ln & 1) for ln in range(32)]
+                r0 = _shfl_xor([x0[ln] if odd[ln] else y0[ln] for ln in range(32)], 1)
+                r1 = _shfl_xor([x1[ln] if odd[ln] else y1[ln] for ln in range(32)], 1)
+                for ln in range(32):
+                    t = ln & 3
+                    col = 16 * p + (8 + 2 * (t - 1) if odd[ln] else 2 * t)
+                    vals = [r0[ln], r1[ln], y0[ln], y1[ln]] if odd[ln] else [x0[ln], x1[ln], r0[ln], r1[ln]]
+                    got[(ln, qq)] = got.get((ln, qq), []) + [(col, vals)]
+    seen = set()
+    for (ln, qq), chunks in got.items():
+        row = (ln >> 2) + 8 * qq
+        for col, vals in chunks:
+            assert len(vals) * out_bytes == 16 and col * out_bytes % 16 == 0
+            assert vals == [row * 1000 + col + i for i in range(len(vals))]  # 16 contiguous bytes of the row
+            seen.update((row, col + i) for i in range(len(vals)))
+    assert len(seen) == 16 * BN
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

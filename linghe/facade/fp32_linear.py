@@ -46,7 +46,7 @@ GEMM_WGMMA = Kernel(
     template="fp32_gemm_wgmma.cu.j2",
     entry="linghe_fp32_gemm_wgmma",
     params=("A_KMAJOR", "B_KMAJOR", "MMA", "OUT", "EVEN", "AP", "NWG", "BN", "STAGES", "PROMO", "CLUSTER", "PINGPONG",
-            "KRES", "KSTEPS", "KPAIR"),
+            "STV"),
     # tensor maps of A and B (by value), C, npass, pass code, M, N, K, ldc, k_chunk, C's split stride
     arg_types=("struct", "struct", "ptr", "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i64"),
 )
@@ -135,13 +135,11 @@ def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> 
             # d_weight's wide N (dim) takes 256-wide tiles: half the A traffic per product
             bn = 256 if gn >= 256 else (128 if gn > 64 else 64)
         promo = (CHAIN_K // 64) // ap if long_chain else 0  # k-steps of 64 per promotion chunk
-        # d_input: the CTA keeps its A tile over all of K (n_experts) resident when it fits in 128 KiB
-        ksteps = -(-gk // 64) if gk else 0
-        kres = pingpong and ksteps * nwg * ap * 8192 <= 128 * 1024
-        c = dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, NWG=nwg, BN=bn, STAGES=2, PROMO=promo, CLUSTER=1,
-                 PINGPONG=pingpong, KRES=kres, KSTEPS=ksteps if kres else 0, KPAIR=False)
+        stage = (nwg * ap * 64 + bn) * 64 * 2
+        stages = max(2, min(8, (_WGMMA_SMEM - 1024) // (stage + 16)))
         # Clusters of 2 multicasting A (CLUSTER=2) measured slower on an H200: off.
-        return _with_stages(c)
+        return dict(A_KMAJOR=a_k, B_KMAJOR=b_k, AP=ap, NWG=nwg, BN=bn, STAGES=stages, PROMO=promo, CLUSTER=1,
+                    PINGPONG=pingpong)
     bm = 128 if gm is None else _pow2(gm, 16, 128)
     bn = _pow2(gn, 16, 128)
     promo = kind == "fwd" or (kind == "dx" and gk * ap > 2 * CHAIN_K)
@@ -151,23 +149,10 @@ def tile_config(impl: str, kind: str, n_experts: int, dim: int, ap: int = 1) -> 
                 PROMO=(CHAIN_K // 32) // ap if promo else 0)
 
 
-def _wgmma_bytes(c: dict) -> tuple[int, int]:
-    """(bytes of a ring stage, bytes of the resident A region) of a wgmma configuration."""
-    a = c["NWG"] * c["AP"] * 64 * 64 * 2
-    b = c["BN"] * 64 * 2
-    return (b, c["KSTEPS"] * a) if c["KRES"] else (a + b, 0)
-
-
-def _with_stages(c: dict, most: int = 8) -> dict:
-    """The configuration with as many ring stages (up to most) as shared memory holds."""
-    stage, ares = _wgmma_bytes(c)
-    return dict(c, STAGES=max(2, min(most, (_WGMMA_SMEM - 1024 - 8 - ares) // (stage + 16))))
-
-
 def smem_bytes(impl: str, c: dict) -> int:
     if impl == "wgmma":
-        stage, ares = _wgmma_bytes(c)
-        return ares + c["STAGES"] * (stage + 16) + 8 + 1024  # + barriers, + slack for 1 KiB alignment
+        stage = (c["NWG"] * c["AP"] * 64 + c["BN"]) * 64 * 2
+        return c["STAGES"] * (stage + 16) + 1024  # + barriers, + slack for 1 KiB alignment
     a = (c["BM"] * (c["BK"] + 8)) if c["A_KMAJOR"] else (c["BK"] * (c["BM"] + 8))
     b = (c["BN"] * (c["BK"] + 8)) if c["B_KMAJOR"] else (c["BK"] * (c["BN"] + 8))
     return c["STAGES"] * (c["AP"] * a + b) * 2
@@ -342,19 +327,26 @@ def _schedule(na: int, a_exact: bool, nb: int, b_exact: bool) -> tuple[int, int,
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _plan(impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device, config=None):
+def vector_epilogue(c: dict, out_tag: str, n: int) -> bool:
+    """Whether the wgmma epilogue can store 16 bytes a lane (16-byte aligned rows, whole column groups)."""
+    if out_tag == "f32":
+        return n % 4 == 0 and c["BN"] % 16 == 0
+    return n % 8 == 0 and c["BN"] % 32 == 0
+
+
+def _plan(impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device, config=None, stv=False):
     """(launcher, config, shared bytes, threads, resident CTAs) of one GEMM specialisation (cached).
-    ``config`` overrides tile_config (tuning)."""
-    key = (impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device.index,
+    ``config`` overrides tile_config (tuning); ``stv``: the vector epilogue (wgmma)."""
+    key = (impl, kind, mma, out_tag, vec, even, ap, n_experts, dim, device.index, stv,
            None if config is None else tuple(sorted(config.items())))
     plan = _PLANS.get(key)
     if plan is None:
         c = dict(tile_config(impl, kind, n_experts, dim, ap))
         c.update(config or {})
         if impl == "wgmma":
+            c.setdefault("STV", stv)
             launch = GEMM_WGMMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, even, ap, c["NWG"],
-                                         c["BN"], c["STAGES"], c["PROMO"], c["CLUSTER"], c["PINGPONG"], c["KRES"],
-                                         c["KSTEPS"], c["KPAIR"])
+                                         c["BN"], c["STAGES"], c["PROMO"], c["CLUSTER"], c["PINGPONG"], c["STV"])
         else:
             launch = GEMM_MMA.launcher(device, c["A_KMAJOR"], c["B_KMAJOR"], mma, out_tag, vec, even, ap, c["BM"],
                                        c["BN"], c["BK"], c["WM"], c["WN"], c["STAGES"], c["PROMO"])
@@ -372,32 +364,24 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, ou
     """C[M, N] (out, or fp32 partials [splits, M, N]) = sum over the part pairs of A_i . B_j^T."""
     vec = a.ld % 8 == 0 and b.ld % 8 == 0
     ap, npass, code = _schedule(len(a.parts), a.exact, len(b.parts), b.exact)
-    if impl == "wgmma" and npass > 1:  # the resident A holds one part set: other passes stream A
-        c = tile_config(impl, kind, n_experts, dim, ap)
-        if c["KRES"] or (config or {}).get("KRES"):
-            config = _with_stages(dict(c, **(config or {}), KRES=False, KSTEPS=0))
-    launch, c, smem, nthreads, resident = _plan(impl, kind, mma, V.DTYPE_TAG[out.dtype], vec, N % 2 == 0, ap,
-                                                n_experts, dim, device, config)
+    out_tag = V.DTYPE_TAG[out.dtype]
+    stv = impl == "wgmma" and vector_epilogue(dict(tile_config(impl, kind, n_experts, dim, ap), **(config or {})),
+                                              out_tag, N)
+    launch, c, smem, nthreads, resident = _plan(impl, kind, mma, out_tag, vec, N % 2 == 0, ap, n_experts, dim, device,
+                                                config, stv)
     bm, bn, bk = tile_shape(impl, c)
     if k_chunk is None:
         k_chunk = -(-K // bk)
     tiles = -(-M // bm) * -(-N // bn)
     if impl == "wgmma":
         cl = c["CLUSTER"]
-        m_tiles, n_tiles = -(-M // bm), -(-N // bn)
-        if c["KRES"]:
-            # CTA (x, y): row tile x, column tiles [y * per, (y + 1) * per): about one wave of CTAs
-            assert K <= 64 * c["KSTEPS"] and splits == 1
-            grid = (m_tiles, max(1, min(n_tiles, resident // m_tiles)), 1)
-        elif c["KPAIR"]:
-            grid = (2 * m_tiles * n_tiles, 1, 1)  # a cluster (2 CTAs, the K halves) a tile
-        else:
-            units = m_tiles * -(-n_tiles // cl)
-            # Persistent clusters: at most one resident wave, each walking units x, x + grid, ...
-            grid = (min(units, max(1, resident // (splits * cl))) * cl, 1, splits)
+        units = -(-M // bm) * -(-N // (bn * cl))
+        # Persistent clusters: at most one resident wave, each walking units x, x + grid, ...
+        grid = min(units, max(1, resident // (splits * cl))) * cl
         da = a.desc(64, ap)
         db = b.desc(bn if c["B_KMAJOR"] else 64, 1)
-        launch(grid, (nthreads, 1, 1), (da, db, out.data_ptr(), npass, code, M, N, K, N, k_chunk, M * N), smem=smem)
+        launch((grid, 1, splits), (nthreads, 1, 1), (da, db, out.data_ptr(), npass, code, M, N, K, N, k_chunk, M * N),
+               smem=smem)
         return
     pa, pb = a.parts, b.parts
     a0, a1, a2 = (t.data_ptr() for t in (pa + [pa[0]] * 2)[:3])  # unused parts: any valid pointer
@@ -541,7 +525,8 @@ class FusedFp32GEMM(torch.autograd.Function):
 def _gemm_specs(impl, kind, n_experts, dim, mma, out, ap=1):
     c = dict(tile_config(impl, kind, n_experts, dim, ap))
     if impl == "wgmma":
-        return GEMM_WGMMA, dict(c, MMA=mma, OUT=out, EVEN=True)
+        n = _gemm_dims(kind, n_experts, dim)[1]
+        return GEMM_WGMMA, dict(c, MMA=mma, OUT=out, EVEN=True, STV=vector_epilogue(c, out, n))
     return GEMM_MMA, dict(c, MMA=mma, OUT=out, VEC=True, EVEN=True)
 
 

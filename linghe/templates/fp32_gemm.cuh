@@ -139,17 +139,6 @@ __device__ __forceinline__ void tma_load3_multicast(u32 dst, const TmaDesc* map,
                  " [%0], [%1, {%2, %3, %4}], [%5], %6;\n"
                  :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask) : "memory");
 }
-// The shared::cluster address of shared address `addr` in CTA `rank` of this cluster, and a read there.
-__device__ __forceinline__ u32 cluster_map(u32 addr, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-    return remote;
-}
-__device__ __forceinline__ float cluster_ld_f32(u32 remote) {
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-    return v;
-}
 // Named barriers (ids 1..15; 0 is __syncthreads): sync waits for `count` threads, arrive does not wait.
 __device__ __forceinline__ void named_bar_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");

@@ -63,13 +63,16 @@ __device__ __forceinline__ float rcp_1_2(float d) {   // correctly rounded 1/d f
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
     return fmaf(r, fmaf(-d, r, 1.0f), r);
 }
-// sigma(a) and 1 - sigma(a), the latter without the cancellation of 1 - sigma for large a.
-__device__ __forceinline__ void silu_sigmoid2(float a, float& sg, float& one_minus) {
-    const float t = expf(-fabsf(a));
+// sigma(a) and the SiLU derivative factor u = 1 + a * (1 - sigma(a)) (silu'(a) = sigma * u).
+// u crosses zero near a = -1.28, where 1 + a*(1 - sigma) cancels and the few-ulp error of the
+// exponential becomes ~20 ulp of u. For a < 0 the factor is computed as ((1 + a) + e^a) / (1 + e^a)
+// instead: 1 + a is exact there (Sterbenz) and only e^a's own error remains, ~4x less near the zero.
+__device__ __forceinline__ void silu_sigmoid_grad(float a, float& sg, float& u) {
+    const float t = expf(-fabsf(a));              // e^a for a < 0, e^-a otherwise
     const float r = rcp_1_2(1.0f + t);
     const float tr = t * r;
     sg = a >= 0.0f ? r : tr;
-    one_minus = a >= 0.0f ? tr : r;
+    u = a >= 0.0f ? fmaf(a, tr, 1.0f) : ((1.0f + a) + t) * r;
 }
 __device__ __forceinline__ float silu_sigmoid(float a) {
     const float t = expf(-fabsf(a));

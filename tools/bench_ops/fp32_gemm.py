@@ -111,23 +111,7 @@ def _smoke() -> bool:
             ok &= not bad
             print(f"{'FAIL' if bad else 'ok  '} {impl:6s} lead={lead} E={e} K={k}: logits {errs[0]:.2e} "
                   f"dx {errs[1]:.2e} dw {errs[2]:.2e}", flush=True)
-        if impls[0] == "wgmma" and e <= 256 and k <= 2048:  # the K-pair forward (a variant under test)
-            dev = torch.device("cuda")
-            x2 = x.reshape(-1, k)
-            y = torch.full((x2.shape[0], e), float("nan"), device="cuda")
-            G._gemm("wgmma", "fwd", "bf16", G._operand(x2, "bf16", dev, pad=True), G._operand(w, "bf16", dev, pad=True),
-                    x2.shape[0], e, k, e, k, y, dev, config=_kpair_config(e, k))
-            err = rel(y, y_ref.reshape(-1, e))
-            ok &= err <= 1e-5
-            print(f"{'FAIL' if err > 1e-5 else 'ok  '} kpair  lead={lead} E={e} K={k}: logits {err:.2e}", flush=True)
     return ok
-
-
-def _kpair_config(e, k):
-    from linghe.facade import fp32_linear as G
-    c = dict(G.tile_config("wgmma", "fwd", e, k), BN=min(256, max(16, 1 << (e - 1).bit_length())), PROMO=0,
-             KPAIR=True)
-    return G._with_stages(c)
 
 
 def _sweep():
@@ -169,28 +153,27 @@ def _sweep():
     t("wgmma backward split, d_weight only", lambda: fp32_gemm_backward(g, x, w, need_input_grad=False), 2 * FLOPS)
     t("split kernel g -> hi, lo", lambda: G._operand(g2, "bf16", dev, max_parts=2, pad=True), 0)
     t("split kernel g -> bf16", lambda: G._operand(g2, "bf16", dev, max_parts=1, pad=True), 0)
-    kp = _kpair_config(E, K)
     def short(cfg):
-        keys = ("BN", "STAGES", "PROMO", "PINGPONG", "KRES", "KPAIR")
+        keys = ("BN", "STAGES", "PROMO", "PINGPONG", "STV")
         return {k: v for k, v in cfg.items() if k in keys}
 
-    for cfg in ({}, kp, G._with_stages(dict(kp, STAGES=3), 3)):
+    for cfg in ({}, {"STV": False}):
         t(f"fwd {short(cfg)}", lambda: G._gemm("wgmma", "fwd", "bf16", xo, wo, M, E, K, E, K, y, dev, config=cfg or None),
           FLOPS)
     for ga, tag, f in ((g_split, "split", 2 * FLOPS), (g_one, "bf16 g", FLOPS)):
         ap = 2 if ga is g_split else 1
-        base = G.tile_config("wgmma", "dx", E, K, ap)
-        for cfg in ({}, G._with_stages(dict(base, KRES=False, KSTEPS=0)), G._with_stages(dict(base, STAGES=4), 4),
-                    G._with_stages(dict(base, PINGPONG=False))):
+        for cfg in ({}, {"STV": False}, {"PINGPONG": False}):
             t(f"dx {tag} {short(cfg)}", lambda: G._gemm("wgmma", "dx", "bf16", ga, wo, M, K, E, E, K, dx, dev,
-                                                 config=cfg or None), f)
+                                                        config=cfg or None), f)
         tiles = 2 * (K // 256)
         kt = M // 64
         chunk = min(max(1, G.DW_CHAIN // (64 * ap)), -(-kt // max(1, 132 // tiles)))
         splits = -(-kt // chunk)
         part = torch.empty(splits, E, K, device="cuda")
-        t(f"dw {tag} splits={splits}", lambda: G._gemm("wgmma", "dw", "bf16", ga, xo, E, K, M, E, K, part, dev,
-                                                         splits=splits, k_chunk=chunk), f)
+        for cfg in ({}, {"STV": False}):
+            t(f"dw {tag} splits={splits} {short(cfg)}", lambda: G._gemm("wgmma", "dw", "bf16", ga, xo, E, K, M, E, K,
+                                                                        part, dev, splits=splits, k_chunk=chunk,
+                                                                        config=cfg or None), f)
     part = torch.empty(8, E, K, device="cuda")
     dwo = torch.empty(E, K, device="cuda", dtype=torch.bfloat16)
     t("reduce 8 fp32 partials -> bf16", lambda: G.REDUCE.launcher(dev, "bf16")(
@@ -227,8 +210,8 @@ def _sass(out_dir):
         counts = {op: len(re.findall(op, sass)) for op in ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "LDL", "STL",
                                                            "UTMALDG", "SYNCS")}
         print(tag, counts, flush=True)
-        fwd = c["B_KMAJOR"] and c.get("KPAIR") and c["STAGES"] == 4
-        dx = c["A_KMAJOR"] and not c["B_KMAJOR"] and c["AP"] == 2 and c.get("KRES") and c["STAGES"] == 6
+        fwd = c["B_KMAJOR"] and c["PROMO"] == 8 and c["STAGES"] == 7 and c.get("STV")
+        dx = c["A_KMAJOR"] and not c["B_KMAJOR"] and c["AP"] == 2 and c.get("PINGPONG") and c.get("STV")
         if fwd or dx:
             with open(os.path.join(out_dir, f"sass_{tag}.txt"[:120]), "w") as handle:
                 handle.write(sass)
