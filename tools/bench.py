@@ -90,11 +90,14 @@ def jit_numbers() -> dict:
             "torch.cuda.synchronize(); t = time.perf_counter(); f(x, w, round_scale=True, output_mode=2); torch.cuda.synchronize()\n"
             "print((time.perf_counter() - t) * 1000)\n"
         )
-        env = dict(os.environ, LINGHE_CACHE_DIR=tmp, PYTHONPATH=os.pathsep.join(sys.path))
-        cold_first = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                          check=True).stdout.split()[-1])
-        warm_first = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                          check=True).stdout.split()[-1])
+        def first_call_ms(cache_dir):
+            env = dict(os.environ, LINGHE_CACHE_DIR=cache_dir, PYTHONPATH=os.pathsep.join(sys.path))
+            return float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                        check=True).stdout.split()[-1])
+
+        warm_first = first_call_ms(tmp)  # the cache the loop above just filled
+        with tempfile.TemporaryDirectory() as empty:
+            cold_first = first_call_ms(empty)
         out["first_call_ms_cold_cache_new_process"] = cold_first
         out["first_call_ms_warm_cache_new_process"] = warm_first
     # Host time per call at a tiny shape, after the first call.
