@@ -15,12 +15,19 @@ fp32-level gradients) at twice the tensor-core work of a plain bf16 GEMM; ``spli
 it to bf16 instead (one pass, 2^-8 relative per element: what a bf16 GEMM of the rounded gradient
 gives).
 
-Kernels: ``fp32_gemm_wgmma`` (sm_90a, warpgroup MMA, both operands from 128B-swizzled shared
-memory) and ``fp32_gemm_mma`` (mma.sync + ldmatrix, sm_80 and later), one template for the three
-GEMMs (operand layouts are constants), persistent CTAs with a multi-stage cp.async pipeline, tiles
-chosen per specialisation (``tile_config``). With two A parts and one B part (hi.B + lo.B) a stage
-holds both A parts and B once. ``d_weight`` reduces over all tokens with a split-K grid whose fp32
-partials ``fp32_gemm_reduce`` sums in a fixed order (deterministic).
+Kernels: ``fp32_gemm_wgmma`` (sm_90a: TMA loads into 128B-swizzled shared memory, a producer
+warpgroup and mbarrier ring, two consumer warpgroups issuing wgmma; the forward cooperative with
+promotion, d_input ping-pong, d_weight split-K; a lane-exchange epilogue storing 16 bytes a lane)
+and ``fp32_gemm_mma`` (mma.sync + ldmatrix + cp.async, sm_80 and later, and any row stride). One
+template each for the three GEMMs (operand layouts are constants), persistent CTAs, tiles chosen
+per specialisation (``tile_config``). With two A parts and one B part (hi.B + lo.B) a stage holds
+both A parts and B once. ``d_weight`` reduces over all tokens with a split-K grid whose fp32
+partials ``fp32_gemm_reduce`` sums in a fixed order (deterministic). TMA tensor maps are encoded on
+the host (``cuTensorMapEncodeTiled``, no device work) and cached per (pointer, shape, box).
+
+Measured on an H200 (median us, L2 flushed, wrapper included; tools/bench.py): forward 20.2
+(cuBLAS bf16 GEMM with fp32 output 20.0); backward with the hi + lo split 70.5, split=False 54.0
+(cuBLAS bf16 d_input + d_weight of the rounded gradient 87.4).
 """
 from __future__ import annotations
 
