@@ -84,3 +84,15 @@ def assert_colwise(qt, st, y_ref, round_scale, what="transposed", scale_rtol=2e-
     s_b = st.t().repeat_interleave(128, 1)[:, :M].t()
     s_ref_b = st_ref.t().repeat_interleave(128, 1)[:, :M].t()
     _check_codes(dequant_cols(qt, st), qt.t(), qt_ref.t(), s_b, s_ref_b, y_ref, f"{what} codes")
+
+
+def preset_constants(prewarm):
+    """Every distinct (kernel, constants) an op's prewarm function yields over all presets."""
+    from linghe import presets
+
+    seen = []
+    for name in sorted(presets.PRESETS):
+        for kernel, constants in prewarm(presets.get(name)):
+            if (kernel, constants) not in seen:
+                seen.append((kernel, constants))
+    return seen

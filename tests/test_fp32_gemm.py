@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel
-from linghe import presets
+from helpers import preset_constants, rel
 from linghe.cache import DiskCache
 from linghe.facade import fp32_linear as G
 from linghe.facade.fp32_linear import FusedFp32GEMM, fp32_gemm_backward, fp32_gemm_forward
@@ -17,12 +16,7 @@ BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 # ---- CPU: compilation ------------------------------------------------------------------------
 def _prewarm_constants():
-    seen = []
-    for name in sorted(presets.PRESETS):
-        for kernel, constants in G._prewarm(presets.get(name)):
-            if (kernel, constants) not in seen:
-                seen.append((kernel, constants))
-    return seen
+    return preset_constants(G._prewarm)
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel
-from linghe import presets
+from helpers import preset_constants, rel
 from linghe.cache import DiskCache
 from linghe.facade.loss import SoftmaxCrossEntropyFunction as CE
 from linghe.reference.loss import ref_cross_entropy, ref_cross_entropy_grad
@@ -20,12 +19,7 @@ GRAD_TOL = {BF16: 4e-3, F16: 1e-3, F32: 2e-5}
 
 # ---- CPU: compilation --------------------------------------------------------------------------
 def _prewarm_constants():
-    seen = []
-    for name in sorted(presets.PRESETS):
-        for kernel, constants in L._prewarm(presets.get(name)):
-            if (kernel, constants) not in seen:
-                seen.append((kernel, constants))
-    return seen
+    return preset_constants(L._prewarm)
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])

@@ -11,7 +11,6 @@ same device give bitwise the same result, with no atomics.
 """
 from __future__ import annotations
 
-import operator
 from functools import lru_cache
 
 import torch
@@ -109,18 +108,7 @@ ROPE_WGRAD = Kernel(
 
 # ---------------------------------------------------------------- checks ----
 def _heads(H, h) -> tuple[int, int]:
-    out = []
-    for name, value in (("H", H), ("h", h)):
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got bool")
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        out.append(value)
-    H, h = out
+    H, h = V.integer("H", H, 1), V.integer("h", h, 1)
     if H % h:
         raise ValueError(f"H ({H} query heads) must be a multiple of h ({h} key/value heads)")
     return H, h
