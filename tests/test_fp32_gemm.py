@@ -7,7 +7,7 @@ import torch
 
 from helpers import preset_constants, rel
 from linghe.cache import DiskCache
-from linghe.facade import fp32_linear as G
+from linghe.utils import fp32_gemm as G
 from linghe.facade.fp32_linear import FusedFp32GEMM, fp32_gemm_backward, fp32_gemm_forward
 from linghe.reference.gemm import ref_fp32_gemm_backward, ref_fp32_gemm_forward, split_bf16
 

@@ -86,7 +86,7 @@ def cases():
 # ---- development: python3 tools/bench_ops/fp32_gemm.py --smoke | --sweep -------------------------------
 def _smoke() -> bool:
     """Errors of every GEMM against float64 at a few shapes, both kernel families (quick, prints a table)."""
-    from linghe.facade import fp32_linear as G
+    from linghe.utils import fp32_gemm as G
     from linghe.reference.gemm import ref_fp32_gemm_backward, ref_fp32_gemm_forward
 
     def rel(a, b):
@@ -118,7 +118,7 @@ def _sweep():
     """Tile / cluster / promotion variants of each GEMM at the benchmark shape, next to cuBLAS."""
     from bench import time_us
 
-    from linghe.facade import fp32_linear as G
+    from linghe.utils import fp32_gemm as G
 
     dev = torch.device("cuda")
     x = torch.randn(B, S, K, device="cuda", dtype=torch.bfloat16)
