@@ -73,7 +73,10 @@ def primary_context(device_index: int):
     return ctx
 
 
-class _Pushed:
+class device_context:
+    """Make the device's primary context current on this thread for the block (driver calls
+    outside a launch: occupancy queries, tensor-map encoding)."""
+
     def __init__(self, device_index):
         self.ctx = primary_context(device_index)
 
@@ -105,13 +108,13 @@ class Launcher:
     """A loaded kernel on one device; call it with grid, block, args."""
 
     __slots__ = ("function", "types", "device_index", "name", "_module", "max_dynamic_smem", "_slots",
-                 "_param_array", "_params", "_lock")
+                 "_param_array", "_params", "_lock", "_resident")
 
     def __init__(self, name: str, cubin: bytes, entry: str, arg_types: tuple[str, ...], device_index: int):
         driver = _driver()
         self.name, self.device_index = name, device_index
         self.types = tuple(ARG_TYPES[t] for t in arg_types)
-        with _Pushed(device_index):
+        with device_context(device_index):
             self._module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
             self.function = check(driver.cuModuleGetFunction(self._module, entry.encode()),
                                   f"cuModuleGetFunction({name}, {entry})")
@@ -125,22 +128,31 @@ class Launcher:
             *(ctypes.addressof(s) if not isinstance(s, int) else 0 for s in self._slots))
         self._params = ctypes.addressof(self._param_array)
         self._lock = threading.Lock()
+        self._resident: dict = {}
 
     def set_dynamic_smem(self, nbytes: int) -> None:
         """Allow more than 48 KiB of dynamic shared memory (once, before launches that need it)."""
         if nbytes > self.max_dynamic_smem:
             driver = _driver()
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            with _Pushed(self.device_index):
+            with device_context(self.device_index):
                 check(driver.cuFuncSetAttribute(self.function, attr, nbytes), f"cuFuncSetAttribute({self.name})")
             self.max_dynamic_smem = nbytes
 
     def blocks_per_sm(self, threads: int, smem: int) -> int:
         """How many CTAs of this kernel fit on one multiprocessor (for persistent grids)."""
         driver = _driver()
-        with _Pushed(self.device_index):
+        with device_context(self.device_index):
             return check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, smem),
                          f"cuOccupancyMaxActiveBlocksPerMultiprocessor({self.name})")
+
+    def resident_ctas(self, threads: int, smem: int = 0) -> int:
+        """CTAs of this kernel the whole device holds at once (the size of a persistent grid)."""
+        found = self._resident.get((threads, smem))
+        if found is None:
+            found = self._resident[(threads, smem)] = max(1, self.blocks_per_sm(threads, smem)) * sm_count(
+                self.device_index)
+        return found
 
     def __call__(self, grid, block, args, smem: int = 0) -> None:
         stream = _raw_stream(self.device_index)
@@ -158,7 +170,7 @@ class Launcher:
             # The thread's current context may belong to another device: retry inside ours.
             if err in (driver.CUresult.CUDA_ERROR_INVALID_CONTEXT, driver.CUresult.CUDA_ERROR_INVALID_HANDLE,
                        driver.CUresult.CUDA_ERROR_CONTEXT_IS_DESTROYED):
-                with _Pushed(self.device_index):
+                with device_context(self.device_index):
                     check(driver.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1],
                                                 block[2], smem, stream, params, 0), f"launch {self.name}")
                 return

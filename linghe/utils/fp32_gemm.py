@@ -244,7 +244,7 @@ def tma_desc(ptr: int, tag: str, cols: int, rows: int, parts: int, ld: int, part
         args = (addr, _TMA_DTYPE[tag], 3, ptr, dims, strides, box, ones, 0, 3, 3, 0)
         err = _encoder()(*args)
         if err == 201:  # CUDA_ERROR_INVALID_CONTEXT: a thread (autograd's) where no context is current yet
-            with runtime._Pushed(device_index):
+            with runtime.device_context(device_index):
                 err = _encoder()(*args)
         if err != 0:
             raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} for a [{parts}, {rows}, {cols}] "

@@ -93,14 +93,14 @@ def max_active_clusters(launch, threads, smem, cluster, fallback):
     try:
         from cuda.bindings import driver
 
-        from ..runtime import _Pushed
+        from ..runtime import device_context
 
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = cluster * fallback, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
         config.sharedMemBytes = smem
         config.numAttrs = 0
-        with _Pushed(launch.device_index):
+        with device_context(launch.device_index):
             err, count = driver.cuOccupancyMaxActiveClusters(launch.function, config)
         if err == driver.CUresult.CUDA_SUCCESS and count > 0:
             return int(count)

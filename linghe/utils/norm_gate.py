@@ -157,26 +157,6 @@ def _check_size(dim, G, *geos_backward):
                              f"dim <= 32768 with group_size <= 16384 is supported")
 
 
-_RESIDENT: dict = {}
-
-
-def _resident_ctas(launch, threads: int, smem: int) -> int:
-    """CTAs of `launch` the device holds at once (occupancy x SMs), asked once per device."""
-    key = (launch.name, launch.device_index)
-    found = _RESIDENT.get(key)
-    if found is None:
-        from cuda.bindings import driver
-
-        from ..runtime import _Pushed, check
-
-        with _Pushed(launch.device_index):
-            per_sm = check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(launch.function, threads, smem),
-                           f"cuOccupancyMaxActiveBlocksPerMultiprocessor({launch.name})")
-        sms = torch.cuda.get_device_properties(launch.device_index).multi_processor_count
-        found = _RESIDENT[key] = max(1, int(per_sm)) * sms
-    return found
-
-
 def _forward(x, gate, weight, eps, group_size):
     """(out, x, gate, weight) with the inputs as the kernel read them (contiguous, aligned)."""
     S, B, dim, G = _check(x, gate, weight, eps, group_size)
@@ -228,7 +208,7 @@ def group_norm_gate_backward(grad, x, gate, weight, eps=1e-6, group_size=4):
     smem = geo["SMEM"]
     if smem > 40 * 1024:   # beyond the default 48 KiB per CTA with the static part: opt in (cheap after once)
         launch.set_dynamic_smem(smem)
-    rows = min(V.cdiv(S * B, geo["T"]), _resident_ctas(launch, geo["THREADS"], smem))
+    rows = min(V.cdiv(S * B, geo["T"]), launch.resident_ctas(geo["THREADS"], smem))
     partial = torch.empty((rows, dim), dtype=torch.float32, device=device)
     launch((rows, 1, 1), (geo["THREADS"], 1, 1),
            (grad.data_ptr(), x.data_ptr(), gate.data_ptr(), weight.data_ptr(), dx.data_ptr(), dgate.data_ptr(),

@@ -172,26 +172,6 @@ def _vector_ready(x: torch.Tensor, vec: int):
     return x, st
 
 
-_RESIDENT: dict = {}
-
-
-def _resident_ctas(launch, threads: int) -> int:
-    """How many CTAs of the backward kernel the device runs at once (asked once per loaded kernel)."""
-    n = _RESIDENT.get(launch)
-    if n is None:
-        from cuda.bindings import driver
-
-        from .. import runtime
-
-        with runtime._Pushed(launch.device_index):
-            per_sm = runtime.check(
-                driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(launch.function, threads, 0),
-                f"cuOccupancyMaxActiveBlocksPerMultiprocessor({launch.name})")
-        sms = torch.cuda.get_device_properties(launch.device_index).multi_processor_count
-        n = _RESIDENT[launch] = max(1, int(per_sm)) * sms
-    return n
-
-
 # ---------------------------------------------------------------- API -------
 def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=4, eps=1e-6):
     """Split ``qkv`` [S, B, (H+2h)*D] into heads, RMS-normalise q and k heads, rotate their first D/2 lanes.
@@ -255,7 +235,7 @@ def qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_nor
     tag = V.DTYPE_TAG
     launch = ROPE_BWD.launcher(device, H, h, D, tag[x.dtype], tag[gq.dtype], tag[qw.dtype], tag[kw.dtype])
     passes, threads = plan["PASSES"], plan["NT"]
-    ctas = min(tokens, max(1, _resident_ctas(launch, threads) // passes))
+    ctas = min(tokens, max(1, launch.resident_ctas(threads) // passes))
     partial = torch.empty((passes * ctas, 2, D), dtype=torch.float32, device=device)
     launch((ctas, passes, 1), (threads, 1, 1),
            (x.data_ptr(), xs[0], xs[1],
