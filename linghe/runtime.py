@@ -31,6 +31,11 @@ except AttributeError:  # pragma: no cover - older torch
         return torch.cuda.current_stream(index).cuda_stream
 
 
+# Programmatic dependent launch for launches that ask for it (pdl=True); off: ordinary launches
+# (for A/B timing: tools/bench.py --set linghe.runtime:PDL=False).
+PDL = True
+
+
 class CudaDriverError(RuntimeError):
     pass
 
@@ -108,7 +113,7 @@ class Launcher:
     """A loaded kernel on one device; call it with grid, block, args."""
 
     __slots__ = ("function", "types", "device_index", "name", "_module", "max_dynamic_smem", "_slots",
-                 "_param_array", "_params", "_lock", "_resident")
+                 "_param_array", "_params", "_lock", "_resident", "_pdl_config")
 
     def __init__(self, name: str, cubin: bytes, entry: str, arg_types: tuple[str, ...], device_index: int):
         driver = _driver()
@@ -129,6 +134,7 @@ class Launcher:
         self._params = ctypes.addressof(self._param_array)
         self._lock = threading.Lock()
         self._resident: dict = {}
+        self._pdl_config = None  # built at the first launch with pdl=True (None: not yet; False: no PDL here)
 
     def set_dynamic_smem(self, nbytes: int) -> None:
         """Allow more than 48 KiB of dynamic shared memory (once, before launches that need it)."""
@@ -154,7 +160,15 @@ class Launcher:
                 self.device_index)
         return found
 
-    def __call__(self, grid, block, args, smem: int = 0) -> None:
+    def __call__(self, grid, block, args, smem: int = 0, pdl: bool = False) -> None:
+        """Launch on torch's current stream of this device.
+
+        ``pdl=True`` (programmatic dependent launch, Hopper and later): the kernel may be scheduled
+        while the previous kernel of the stream is still finishing, which hides the launch gap of a
+        short kernel behind its producer's tail. Such a kernel must call ``pdl_wait()`` (common.cuh)
+        before it touches memory the previous kernel reads or writes. Where the device cannot do it
+        the launch is an ordinary one (the wait then returns at once).
+        """
         stream = _raw_stream(self.device_index)
         with self._lock:
             for slot, value in zip(self._slots, args):
@@ -162,8 +176,17 @@ class Launcher:
                     self._param_array[slot] = ctypes.addressof(value)
                 else:
                     slot.value = value
-            (err,) = _drv.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                         smem, stream, self._params, 0)
+            config = self._pdl_config if pdl else False
+            if config is None:
+                config = self._pdl_config = self._make_pdl_config()
+            if config:
+                config.gridDimX, config.gridDimY, config.gridDimZ = grid
+                config.blockDimX, config.blockDimY, config.blockDimZ = block
+                config.sharedMemBytes, config.hStream = smem, stream
+                (err,) = _drv.cuLaunchKernelEx(config, self.function, self._params, 0)
+            else:
+                (err,) = _drv.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1],
+                                             block[2], smem, stream, self._params, 0)
         if err != _SUCCESS:
             params = (tuple(args), self.types)
             driver = _drv
@@ -175,6 +198,18 @@ class Launcher:
                                                 block[2], smem, stream, params, 0), f"launch {self.name}")
                 return
             check((err,), f"launch {self.name} grid={grid} block={block} smem={smem}")
+
+    def _make_pdl_config(self):
+        """A reusable launch configuration asking for programmatic stream serialisation (sm_90+)."""
+        if not PDL or torch.cuda.get_device_capability(self.device_index)[0] < 9:
+            return False
+        driver = _driver()
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        config.attrs, config.numAttrs = [attr], 1
+        return config
 
 
 try:  # import the driver bindings with linghe, not inside a user's first call

@@ -105,7 +105,7 @@ def test_edge_specialisations_compile(dim, G, xd, gd, wd, dd, tmp_path):
 
 
 def test_benchmark_specialisations_do_not_spill():
-    """The backward must fit 64 registers at 1024 threads (one CTA per SM, few partial rows) and the
+    """The backward must fit 128 registers at 512 threads (one CTA per SM, few partial rows) and the
     forward stay small; a spill or register blow-up here costs bandwidth on the GPU."""
     import re
 
@@ -113,7 +113,7 @@ def test_benchmark_specialisations_do_not_spill():
 
     for kernel, constants, max_regs in (
             (ng.FWD, dict(DIM=2048, G=4, XDTYPE="bf16", GDTYPE="bf16", WDTYPE="bf16"), 64),
-            (ng.BWD, dict(DIM=2048, G=4, XDTYPE="bf16", GDTYPE="bf16", WDTYPE="bf16", DDTYPE="bf16"), 64)):
+            (ng.BWD, dict(DIM=2048, G=4, XDTYPE="bf16", GDTYPE="bf16", WDTYPE="bf16", DDTYPE="bf16"), 128)):
         source = kernel.render(kernel.spec("sm_90a", **constants))
         options = compiler.nvrtc_options("sm_90a") + ["--ptxas-options=-v"]
         log = compiler.compile_cubin(kernel.op, source, compiler.headers_for(source), options).log

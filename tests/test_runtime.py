@@ -108,3 +108,54 @@ def test_resident_ctas_is_occupancy_times_sms_and_asked_once(fake):
     assert launch.resident_ctas(512, 1024) == 3 * 132
     assert launch.resident_ctas(512, 1024) == 3 * 132
     assert [c for c in fake.calls if c[0] == "occupancy"] == [("occupancy", 512, 1024)]
+
+
+class _Record:
+    """Stands for a cuda.bindings struct: attributes are simply stored."""
+
+
+class _AttrIDs:
+    CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class PdlDriver(FakeDriver):
+    CUlaunchAttributeID = _AttrIDs
+
+    @staticmethod
+    def CUlaunchAttribute():
+        attr = _Record()
+        attr.value = _Record()
+        return attr
+
+    CUlaunchConfig = _Record
+
+    def cuLaunchKernelEx(self, config, f, params, extra):
+        attr = config.attrs[0]
+        assert config.numAttrs == 1 and attr.value.programmaticStreamSerializationAllowed == 1
+        assert attr.id == _AttrIDs.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        value = ctypes.c_int64.from_address((ctypes.c_void_p * 1).from_address(params)[0]).value
+        self.launches.append(("pdl", (config.gridDimX, config.gridDimY, config.gridDimZ),
+                              (config.blockDimX, config.blockDimY, config.blockDimZ), config.sharedMemBytes,
+                              config.hStream, value))
+        return (CUresult.CUDA_SUCCESS,)
+
+
+@pytest.mark.parametrize("major,enabled,expect_pdl", [(9, True, True), (8, True, False), (9, False, False)])
+def test_pdl_launch_only_where_the_device_and_the_switch_allow(monkeypatch, major, enabled, expect_pdl):
+    driver = PdlDriver()
+    for name, value in (("_drv", driver), ("_SUCCESS", CUresult.CUDA_SUCCESS), ("_driver", lambda: driver),
+                        ("primary_context", lambda index: "ctx"), ("_raw_stream", lambda index: 77),
+                        ("PDL", enabled)):
+        monkeypatch.setattr(runtime, name, value)
+    monkeypatch.setattr(runtime.torch.cuda, "get_device_capability", lambda index: (major, 0))
+    launch = runtime.Launcher("k", b"cubin", "entry", ("i64", "f32", "ptr", "struct"), 0)
+    table = Table(1, 2)
+    launch((3, 2, 1), (64, 1, 1), (41, 1.0, 0, table), smem=512, pdl=True)
+    launch((1, 1, 1), (32, 1, 1), (42, 1.0, 0, table), pdl=True)  # the configuration is reused with new values
+    launch((1, 1, 1), (32, 1, 1), (43, 1.0, 0, table))             # pdl=False: an ordinary launch
+    if expect_pdl:
+        assert driver.launches[0] == ("pdl", (3, 2, 1), (64, 1, 1), 512, 77, 41)
+        assert driver.launches[1] == ("pdl", (1, 1, 1), (32, 1, 1), 0, 77, 42)
+    else:
+        assert [entry[0] for entry in driver.launches[:2]] == [(3, 2, 1), (1, 1, 1)]
+    assert driver.launches[2][0] == (1, 1, 1) and driver.launches[2][4][0] == 43

@@ -10,6 +10,7 @@ wrapper overhead included), the floor (fewest bytes / measured copy bandwidth),
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib
 import json
@@ -148,7 +149,18 @@ def main():
     parser.add_argument("--json", default=None, help="also write raw numbers here")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--no-jit", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=VALUE",
+                        help="override a tuning constant before any kernel is built, e.g. "
+                             "linghe.utils.norm_gate:BWD_MIN_THREADS=512 (VALUE a Python literal; repeatable)")
     args = parser.parse_args()
+    for item in args.set:
+        target, _, value = item.partition("=")
+        module, _, name = target.partition(":")
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set {item}: {module} has no {name}")
+        setattr(mod, name, ast.literal_eval(value))
+        print(f"set {module}.{name} = {getattr(mod, name)!r}", flush=True)
 
     ops = [o for o in args.ops.split(",") if o]
     gpu = torch.cuda.get_device_name()

@@ -87,6 +87,21 @@ template <int WIDTH> __device__ __forceinline__ float group_sum(float v) {
 }
 
 // ---- math -------------------------------------------------------------------
+// Programmatic dependent launch (runtime.Launcher(..., pdl=True)): such a kernel may start while the
+// previous kernel of the stream is still running; pdl_wait() blocks until that kernel has completed
+// and its writes are visible, so call it before touching any memory the previous kernel uses. A
+// producer may call pdl_trigger() to let its dependant be scheduled early. No-ops before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float sigmoid_f32(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 // ---- thread-block clusters (sm_90) ----------------------------------------

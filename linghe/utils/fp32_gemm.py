@@ -388,8 +388,9 @@ def _gemm(impl, kind, mma, a: _Operand, b: _Operand, M, N, K, n_experts, dim, ou
         grid = min(units, max(1, resident // (splits * cl))) * cl
         da = a.desc(64, ap)
         db = b.desc(bn if c["B_KMAJOR"] else 64, 1)
+        # pdl: the kernel's set-up overlaps the previous kernel (it waits before touching memory)
         launch((grid, 1, splits), (nthreads, 1, 1), (da, db, out.data_ptr(), npass, code, M, N, K, N, k_chunk, M * N),
-               smem=smem)
+               smem=smem, pdl=True)
         return
     pa, pb = a.parts, b.parts
     a0, a1, a2 = (t.data_ptr() for t in (pa + [pa[0]] * 2)[:3])  # unused parts: any valid pointer
@@ -504,7 +505,7 @@ def fp32_gemm_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: t
                   k_chunk=chunk)
             numel = n_experts * dim
             REDUCE.launcher(device, V.DTYPE_TAG[dw.dtype])((V.cdiv(numel, 1024), 1, 1), (256, 1, 1),
-                                                           (part.data_ptr(), dw.data_ptr(), numel, splits))
+                                                           (part.data_ptr(), dw.data_ptr(), numel, splits), pdl=True)
     return dx, dw
 
 

@@ -246,7 +246,7 @@ def qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_nor
     dkw = torch.empty(D, dtype=kw.dtype, device=device)
     reduce = ROPE_WGRAD.launcher(device, D, tag[qw.dtype], tag[kw.dtype])
     reduce((V.cdiv(2 * D, 32), 1, 1), (32, REDUCE_ROWS, 1), (partial.data_ptr(), passes * ctas, dqw.data_ptr(),
-                                                            dkw.data_ptr()))
+                                                            dkw.data_ptr()), pdl=True)
     return dqkv, dqw, dkw
 
 

@@ -304,7 +304,7 @@ def triton_batch_weighted_silu_and_block_quant_backward(g, x, weight, counts, sp
             dxt.data_ptr(), dxts.data_ptr(), partial.data_ptr(), R, items, E, _WKIND[w.dtype],
             counts.element_size(), 2), smem)
     SILU_DW.launcher(device)((V.cdiv(R, 256), 1, 1), (256, 1, 1),
-                             (partial.data_ptr(), dw.data_ptr(), R, n // 128, _WKIND[dw.dtype]))
+                             (partial.data_ptr(), dw.data_ptr(), R, n // 128, _WKIND[dw.dtype]), pdl=True)
     return dx, dxs, dw, dxt, dxts
 
 
