@@ -65,11 +65,19 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 }
 
-// An optimisation barrier: the compiler must assume the chunk changed here, so values unpacked from
-// it before are not reused after (it recomputes them instead of keeping them in registers).
-template <typename E, int VEC> __device__ __forceinline__ void opaque(Chunk<E, VEC>& c) {
-    #pragma unroll
-    for (int i = 0; i < Chunk<E, VEC>::WORDS; ++i) asm volatile("" : "+r"(c.w[i]));
+// VEC consecutive floats of a shared-memory table into registers: 16-byte reads where VEC allows (a
+// thread's lanes start at a multiple of VEC, and the tables and their quarters are 16-byte aligned).
+template <int VEC> __device__ __forceinline__ void load_lanes(const float* p, float (&out)[VEC]) {
+    if constexpr (VEC % 4 == 0) {
+        #pragma unroll
+        for (int i = 0; i < VEC; i += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(p + i);
+            out[i] = v.x; out[i + 1] = v.y; out[i + 2] = v.z; out[i + 3] = v.w;
+        }
+    } else {
+        #pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = p[i];
+    }
 }
 
 // Which head slot of the fused [.., (H + 2*HKV) * D] row a thread works on, and what that slot is.
