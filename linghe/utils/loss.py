@@ -62,7 +62,8 @@ CE_FORWARD = Kernel(
     template="cross_entropy.cu.j2",
     entry="linghe_cross_entropy_fwd",
     params=("DTYPE", "LABEL", "TPR"),
-    arg_types=("ptr", "ptr", "ptr", "ptr", "i64", "i64"),
+    # logits, labels, loss, stats, M, V, v_start, shard_logit (the last two: vocabulary-parallel shards)
+    arg_types=("ptr", "ptr", "ptr", "ptr", "i64", "i64", "i64", "ptr"),
     context=_forward_context,
 )
 
@@ -71,7 +72,8 @@ CE_BACKWARD = Kernel(
     template="cross_entropy.cu.j2",
     entry="linghe_cross_entropy_bwd",
     params=("DTYPE", "LABEL", "GDTYPE", "TPR"),
-    arg_types=("ptr", "ptr", "ptr", "ptr", "ptr", "i64", "i64", "i64", "i64", "i64"),
+    # logits, labels, stats, grad_output, out, M, V, g_inner, g_stride0, g_stride1, v_start, v_total
+    arg_types=("ptr", "ptr", "ptr", "ptr", "ptr", "i64", "i64", "i64", "i64", "i64", "i64", "i64"),
     context=_backward_context,
 )
 
@@ -118,20 +120,36 @@ def check_backward_inputs(loss_shape, stats, grad_output, M):
 
 
 # ---- launches (inputs already validated) ---------------------------------------------------
-def forward_2d(x, labels, loss_shape, device):
-    """x [M, V] contiguous, labels [M] contiguous -> (loss shaped loss_shape, stats [M, 2])."""
+def _launch_forward(x, labels, loss_ptr, stats, shard_ptr, v_start, device):
     M, vocab = x.shape
-    loss = torch.empty(loss_shape, dtype=torch.float32, device=device)
-    stats = torch.empty((M, 2), dtype=torch.float32, device=device)
-    if M == 0:
-        return loss, stats
     dtype = V.DTYPE_TAG[x.dtype]
     tpr = threads_per_row(vocab, dtype)
     rows = _rows(tpr)
     launch = CE_FORWARD.launcher(device, dtype, LABEL_TAG[labels.dtype], tpr)
     launch((V.cdiv(M, rows), 1, 1), (tpr * rows, 1, 1),
-           (x.data_ptr(), labels.data_ptr(), loss.data_ptr(), stats.data_ptr(), M, vocab))
+           (x.data_ptr(), labels.data_ptr(), loss_ptr, stats.data_ptr(), M, vocab, v_start, shard_ptr))
+
+
+def forward_2d(x, labels, loss_shape, device):
+    """x [M, V] contiguous, labels [M] contiguous -> (loss shaped loss_shape, stats [M, 2])."""
+    M = x.shape[0]
+    loss = torch.empty(loss_shape, dtype=torch.float32, device=device)
+    stats = torch.empty((M, 2), dtype=torch.float32, device=device)
+    if M > 0:
+        _launch_forward(x, labels, loss.data_ptr(), stats, None, 0, device)
     return loss, stats
+
+
+def forward_shard_2d(x, labels, v_start, device):
+    """One vocabulary shard: x [M, V_local] holds global columns [v_start, v_start + V_local), labels [M]
+    global ids -> (stats [M, 2] over the shard, label_logit [M] fp32: the label's logit where this shard
+    holds it, else 0). :mod:`linghe.utils.loss_tp` combines the shards into the loss."""
+    M = x.shape[0]
+    stats = torch.empty((M, 2), dtype=torch.float32, device=device)
+    label_logit = torch.empty((M,), dtype=torch.float32, device=device)
+    if M > 0:
+        _launch_forward(x, labels, None, stats, label_logit.data_ptr(), v_start, device)
+    return stats, label_logit
 
 
 def _like_aligned(x):
@@ -145,8 +163,12 @@ def _like_aligned(x):
     return flat[shift:].view(M, vocab)
 
 
-def backward_2d(x, labels, stats, grad_output, inplace, device):
-    """x [M, V] contiguous; returns the [M, V] gradient (x itself when inplace)."""
+def backward_2d(x, labels, stats, grad_output, inplace, device, v_start=0, v_total=None):
+    """x [M, V] contiguous; returns the [M, V] gradient (x itself when inplace).
+
+    A vocabulary shard: x holds global columns [v_start, v_start + V) of a v_total-wide vocabulary and
+    stats are the combined (whole-row) statistics; the result is this shard's slice of the gradient.
+    """
     M, vocab = x.shape
     out = x if inplace else _like_aligned(x)
     if M == 0:
@@ -162,7 +184,7 @@ def backward_2d(x, labels, stats, grad_output, inplace, device):
     launch = CE_BACKWARD.launcher(device, dtype, LABEL_TAG[labels.dtype], GRAD_TAG[grad_output.dtype], tpr)
     launch((V.cdiv(M, rows), 1, 1), (tpr * rows, 1, 1),
            (x.data_ptr(), labels.data_ptr(), stats.data_ptr(), grad_output.data_ptr(), out.data_ptr(),
-            M, vocab, g_inner, g_stride0, g_stride1))
+            M, vocab, g_inner, g_stride0, g_stride1, v_start, vocab if v_total is None else v_total))
     return out
 
 
