@@ -25,7 +25,7 @@ def test_every_preset_specialisation_compiles(tmp_path):
     specs = _preset_specs("moe-2048")
     for name in presets.PRESETS:  # the lists do not depend on model widths
         assert {s for _, s in _preset_specs(name)} == {s for _, s in specs}
-    assert len(specs) == len(R.CAPS) * 5 + 2
+    assert len(specs) == len(R.CAPS) * 6 + 2
     disk = DiskCache(tmp_path)
     for kernel, spec in specs:
         entry, compiled = kernel.build(spec, disk)

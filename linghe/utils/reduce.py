@@ -245,7 +245,7 @@ def _prewarm(preset):
     """Gradient norms and zero counts over fp32 (main grads) and activation-dtype gradient lists."""
     grad_sum, grad_zero = _GRAD_KINDS[preset["dtype"]]
     sum_sets = sorted({"f32", grad_sum, "_".join(sorted({"f32", grad_sum}))})
-    zero_sets = sorted({"z4s", grad_zero})
+    zero_sets = sorted({"z4s", grad_zero, "_".join(sorted({"z4s", grad_zero}))})  # lists may mix both
     for cap in CAPS:
         for kinds in sum_sets:
             yield BATCH_REDUCE, dict(OP="l2", CAP=cap, KINDS=kinds)
