@@ -32,6 +32,12 @@ from . import config
 KEY_SCHEMA = 1
 LOCK_TIMEOUT_S = 120.0
 
+# How this process came by its kernels (tests and diagnostics read it): "compiles" counts entries
+# published after an NVRTC compile (Kernel._build_from_source calls put only then), "disk_hits" and
+# "memory_hits" intact entries found. Touched when a kernel is loaded (once per device and
+# specialisation), never on a warm launch.
+STATS = {"compiles": 0, "disk_hits": 0, "memory_hits": 0}
+
 
 def make_key(source: str, headers: dict[str, str], nvrtc_version: str, arch: str, options: list[str]) -> str:
     """Relocatable key: contents only (headers by package-relative name), no paths or times."""
@@ -71,6 +77,7 @@ class DiskCache:
     def get(self, key: str) -> Entry | None:
         """The entry for ``key`` if present and intact, else None (never raises for bad entries)."""
         if key in self.memory:
+            STATS["memory_hits"] += 1
             return self.memory[key]
         cubin_path, _, meta_path = self.paths(key)
         try:
@@ -82,6 +89,7 @@ class DiskCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(meta_path)  # LRU: the JSON's mtime is the last use
+        STATS["disk_hits"] += 1
         return Entry(key, cubin, meta)
 
     # -- the spec index: spec digest -> key, so a warm process skips rendering ----
@@ -114,6 +122,7 @@ class DiskCache:
                           "Set LINGHE_CACHE_DIR to a writable folder.", RuntimeWarning, stacklevel=3)
 
     def put(self, key: str, cubin: bytes, source: str, meta: dict) -> Entry:
+        STATS["compiles"] += 1
         meta = dict(meta, key=key, cubin_sha256=hashlib.sha256(cubin).hexdigest(), cubin_bytes=len(cubin),
                     created=time.time())
         entry = Entry(key, cubin, meta)

@@ -1,5 +1,6 @@
 """Every documented op captured in a CUDA graph after one eager call, replayed on new input values,
-and compared bitwise with an eager call on those values (GPU only)."""
+and compared bitwise with an eager call on those values (GPU only). The autograd Functions are also
+captured whole, forward and backward in one graph (PyTorch's whole-network pattern)."""
 import pytest
 import torch
 
@@ -163,3 +164,120 @@ def test_batch_reductions():
     graph_matches_eager(make, lambda *xs: triton_batch_sum_with_ord(list(xs), 2))
     graph_matches_eager(make, lambda *xs: triton_batch_sum_with_ord(list(xs), 1))
     graph_matches_eager(make, lambda *xs: triton_batch_count_zero(list(xs)))
+
+
+# ---- the autograd Functions: forward and backward captured in one graph ------------------------------
+def _leaves(*tensors):
+    """Leaves that share the given tensors' storage: a graph's static inputs stay plain tensors."""
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def step_graph_matches_eager(make, step):
+    """PyTorch's whole-network capture: warm up on a side stream (compiles and loads every kernel of both
+    directions), capture ``step`` (forward and ``torch.autograd.grad``) in one graph, then twice copy new
+    values into the static inputs and grad_outputs, replay, and compare bitwise with an eager step on them.
+
+    make(seed) -> tuple of tensors (inputs and grad_outputs, fresh random values); step(*tensors) -> outputs.
+    """
+    static = [t.clone() for t in make(1)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*static)
+    for seed in (2, 3):
+        fresh = make(seed)
+        for s, t in zip(static, fresh):
+            s.copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        _same(captured, step(*fresh), f"seed {seed}")
+
+
+def _randn_bf16(g):
+    return lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(BF16)
+
+
+def test_qk_norm_half_rope_function_both_directions():
+    from linghe.facade.rope import QkNormHalfRopeFunction
+
+    S, B, H, h, D = 64, 2, 8, 2, 128
+
+    def make(s):
+        g = _gen(s)
+        r = _randn_bf16(g)
+        return (r(S, B, (H + 2 * h) * D), r(D), r(D), torch.rand(S, D // 2, device="cuda", generator=g) * 3,
+                r(B, S, H, D), r(B, S, h, D), r(B, S, h, D))
+
+    def step(qkv, qw, kw, freqs, gq, gk, gv):
+        qkv, qw, kw = _leaves(qkv, qw, kw)
+        q, k, v = QkNormHalfRopeFunction.apply(qkv, qw, kw, freqs, H, h, 1e-6)
+        return (q, k, v, *torch.autograd.grad((q, k, v), (qkv, qw, kw), (gq, gk, gv)))
+
+    step_graph_matches_eager(make, step)
+
+
+def test_group_norm_gate_function_both_directions():
+    from linghe.facade.norm import GroupNormGateFunction
+
+    B, S, dim = 2, 60, 1024
+
+    def make(s):
+        r = _randn_bf16(_gen(s))
+        return r(B, S, dim), r(S, B, dim), r(dim), r(S, B, dim)
+
+    def step(x, gate, w, grad):
+        x, gate, w = _leaves(x, gate, w)
+        out = GroupNormGateFunction.apply(x, gate, w, 1e-6, 4)
+        return (out, *torch.autograd.grad(out, (x, gate, w), grad))
+
+    step_graph_matches_eager(make, step)
+
+
+def test_fused_fp32_gemm_function_both_directions():
+    from linghe.facade.fp32_linear import FusedFp32GEMM
+
+    def make(s):
+        g = _gen(s)
+        r = _randn_bf16(g)
+        # 2048 tokens: d_weight takes the split-K path (fp32 partials, then the fixed-order reduction)
+        return r(2, 1024, 512), r(64, 512), torch.randn(2, 1024, 64, device="cuda", generator=g)
+
+    def step(x, w, grad):
+        x, w = _leaves(x, w)
+        logits = FusedFp32GEMM.apply(x, w)
+        return (logits, *torch.autograd.grad(logits, (x, w), grad))
+
+    def step_input_only(x, w, grad):  # a frozen weight: only d_input is computed
+        (x,) = _leaves(x)
+        logits = FusedFp32GEMM.apply(x, w)
+        return (logits, *torch.autograd.grad(logits, (x,), grad))
+
+    step_graph_matches_eager(make, step)
+    step_graph_matches_eager(make, step_input_only)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softmax_cross_entropy_function_both_directions(inplace):
+    from linghe.facade.loss import SoftmaxCrossEntropyFunction
+
+    B, S, V = 4, 25, 5003
+
+    def make(s):
+        g = _gen(s)
+        return (torch.randn(B, S, V, device="cuda", generator=g).to(BF16),
+                torch.randint(-1, V, (B, S), device="cuda", generator=g),
+                torch.rand(B, S, device="cuda", generator=g))
+
+    def step(logits, labels, grad):
+        # inplace=True: the gradient overwrites the (static) logits and aliases them; each replay's
+        # fresh logits are copied in first
+        (x,) = _leaves(logits)
+        loss = SoftmaxCrossEntropyFunction.apply(x, labels, inplace)
+        return (loss, *torch.autograd.grad(loss, (x,), grad))
+
+    step_graph_matches_eager(make, step)

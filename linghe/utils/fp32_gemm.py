@@ -434,6 +434,9 @@ def fp32_gemm_forward(input: torch.Tensor, weight: torch.Tensor, impl: str | Non
     ``input`` and ``weight`` are bf16 (fp16 and fp32 also work and give the fp32 GEMM of the
     up-cast operands). ``impl`` forces a kernel family ('wgmma' on sm_90, or 'mma'); None picks.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.fp32_gemm_forward(input, weight, impl)
     n_experts, dim = _check_operands(input, weight)
     device = V.devices(input=input, weight=weight)
     impl = _impl(device, impl)
@@ -461,6 +464,10 @@ def fp32_gemm_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: t
     fp32 ``grad_output`` (bf16 hi + lo parts, two MMA passes, 2^-16 relative); ``split=False``
     rounds it to bf16 (one pass, 2^-8 relative).
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.fp32_gemm_backward(grad_output, input, weight, need_input_grad, need_weight_grad, split,
+                                          grad_dtype, impl)
     n_experts, dim = _check_operands(input, weight)
     V.tensor("grad_output", grad_output, dtypes=V.FLOATING)
     V.shape("grad_output", grad_output, (*input.shape[:-1], n_experts))

@@ -164,6 +164,10 @@ def triton_permute_with_mask_map(inp, scale, probs, row_id_map, num_out_tokens, 
 
     Returns ``(output, permuted_scale, permuted_probs)``; the last two are None when their input is.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_permute_with_mask_map(inp, scale, probs, row_id_map, num_out_tokens, contiguous,
+                                                    tokens_per_expert)
     V.tensor("inp", inp, ndim=2)
     T, hidden = inp.shape
     if hidden == 0:

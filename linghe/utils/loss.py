@@ -208,6 +208,9 @@ def softmax_cross_entropy_forward(logits, labels):
     is negative, NaN where it is >= V); ``stats`` fp32 [M, 2] holding, per row, the maximum
     logit and ``sum(exp(logits - max))`` (so ``lse = max + log(sum)``), as the backward needs.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.softmax_cross_entropy_forward(logits, labels)
     M, vocab = check_inputs(logits, labels)
     device = V.devices(logits=logits, labels=labels)
     x, lab = as_rows(logits, labels, M, vocab)
@@ -223,6 +226,9 @@ def softmax_cross_entropy_backward(logits, labels, stats, grad_output, inplace=F
     ``logits`` (which must be contiguous) and ``logits`` itself is returned; otherwise a new
     tensor shaped and typed like ``logits``.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.softmax_cross_entropy_backward(logits, labels, stats, grad_output, inplace)
     inplace = check_inplace_flag(inplace)
     M, vocab = check_inputs(logits, labels, inplace)
     check_backward_inputs(labels.shape, stats, grad_output, M)

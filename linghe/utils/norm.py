@@ -161,6 +161,10 @@ def triton_rms_norm_and_block_quant_forward(x, weight, eps=1e-6, out=None, scale
     is a required input when ``output_mode == 1``. Outputs a mode does not produce are allocated and
     left unwritten (modes 0) or returned as given (mode 1).
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_rms_norm_and_block_quant_forward(x, weight, eps, out, scale, rms, round_scale,
+                                                               output_mode)
     V.tensor("x", x, dtypes=V.FLOATING, ndim=2)
     V.tensor("weight", weight, dtypes=V.FLOATING, ndim=1)
     if output_mode not in (0, 1, 2) or isinstance(output_mode, bool):

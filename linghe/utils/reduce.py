@@ -215,6 +215,9 @@ def triton_batch_sum_with_ord(xs, ord=2):
     are dense in memory (e.g. transposes) and copied once otherwise. An empty list gives 0 (on the
     current CUDA device). fp32 within 64-element runs, fp64 beyond; bitwise reproducible.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_batch_sum_with_ord(xs, ord)
     if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
         raise TypeError(f"ord must be 1 or 2, got {type(ord).__name__} {ord!r}")
     if ord not in (1, 2):
@@ -231,6 +234,9 @@ def triton_batch_count_zero(xs):
     Any floating dtype (fp32/bf16/fp16/fp64/fp8), integer or bool tensors (``== 0``), mixed, any
     shape, strided or empty. An empty list gives 0 (on the current CUDA device).
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_batch_count_zero(xs)
     device = _validated(xs, ZERO_KINDS)
     if device is None:
         return torch.zeros((), dtype=torch.int64, device=_empty_list_device())

@@ -180,6 +180,9 @@ def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=
     ``[B, S, H, D]``, ``[B, S, h, D]``, ``[B, S, h, D]`` in ``qkv.dtype``; v is copied unchanged.
     Math in fp32.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H, h, eps)
     S, B, D, H, h, plan = _check_inputs(qkv, q_norm_weight, k_norm_weight, freqs, H, h, FWD_VEC_BYTES)
     eps = _eps(eps)
     device = V.devices(qkv=qkv, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, freqs=freqs)
@@ -209,6 +212,10 @@ def qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_nor
     layout. The weight gradients are summed over all tokens and heads in fp32 (fixed order, no atomics:
     bitwise reproducible on one device) and returned in each weight's dtype.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.qk_norm_half_rope_backward(grad_q, grad_k, grad_v, qkv, q_norm_weight, k_norm_weight, freqs,
+                                                  H, h, eps)
     for name, g in (("grad_q", grad_q), ("grad_k", grad_k), ("grad_v", grad_v)):
         V.tensor(name, g, dtypes=V.FLOATING, ndim=4)
     for name, g in (("grad_k", grad_k), ("grad_v", grad_v)):

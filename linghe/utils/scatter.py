@@ -41,6 +41,9 @@ def triton_unpermute_with_mask_map(grad, row_id_map, probs):
     is None). ``grad`` [R, Hd] floating; ``probs`` None or [R]. Padding rows of ``grad`` are
     never read. Returns ``(output, restore_probs)``.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_unpermute_with_mask_map(grad, row_id_map, probs)
     V.tensor("grad", grad, dtypes=V.FLOATING, ndim=2)
     R, hidden = grad.shape
     if hidden == 0:

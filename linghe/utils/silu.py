@@ -163,6 +163,9 @@ def triton_silu_and_block_quant_forward(x, out=None, scale=None, round_scale=Fal
     1 only the transposed pair, 2 both; the others are allocated (or the caller's) but not
     written. Caller buffers ``out`` [M, n] fp8 and ``scale`` [n/128, M] fp32 are written in place.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_silu_and_block_quant_forward(x, out, scale, round_scale, output_mode)
     V.tensor("x", x, dtypes=V.FLOATING, ndim=2)
     _mode(output_mode)
     M, n = _halves(x)
@@ -194,6 +197,9 @@ def triton_silu_and_block_quant_backward(g, x, round_scale=False):
     Returns ``(dx [M, 2n] fp8, dx_scale [2n/128, M], transpose_dx [2n, M] fp8,
     transpose_dx_scale [cdiv(M,128), 2n])``; no block mixes the da and db halves.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_silu_and_block_quant_backward(g, x, round_scale)
     V.tensor("g", g, dtypes=V.FLOATING, ndim=2)
     V.tensor("x", x, dtypes=V.FLOATING, ndim=2)
     M, n = _halves(x)
@@ -228,6 +234,10 @@ def triton_batch_weighted_silu_and_block_quant_forward(x, weight, counts, splits
     with ``splits=None`` the counts are read once from the device (one sync), same results.
     ``scale`` may be a caller buffer of R*n/128 fp32 elements (any shape, contiguous).
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_batch_weighted_silu_and_block_quant_forward(x, weight, counts, splits, out, scale,
+                                                                          round_scale, output_mode)
     V.tensor("x", x, dtypes=V.FLOATING, ndim=2)
     _mode(output_mode)
     R, n = _halves(x)
@@ -272,6 +282,9 @@ def triton_batch_weighted_silu_and_block_quant_backward(g, x, weight, counts, sp
     Returns ``(dx [R, 2n] fp8, dx_scale [R*2n/128], dw [R, 1] weight.dtype, transpose_dx [R*2n] fp8,
     transpose_dx_scale [sum_e cdiv(c_e,128)*2n])``. ``splits`` as in the forward.
     """
+    if torch.compiler.is_compiling():  # traced as the registered operator (linghe/library.py)
+        from .. import library
+        return library.triton_batch_weighted_silu_and_block_quant_backward(g, x, weight, counts, splits, round_scale)
     V.tensor("g", g, dtypes=V.FLOATING, ndim=2)
     V.tensor("x", x, dtypes=V.FLOATING, ndim=2)
     R, n = _halves(x)
