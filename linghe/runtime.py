@@ -44,12 +44,18 @@ _drv = None  # cuda.bindings.driver, imported on first use (CPU-only users never
 _SUCCESS = None
 
 
+_RETRY_IN_OUR_CONTEXT = ()  # launch errors that mean "another device's context is current"
+
+
 def _driver():
-    global _drv, _SUCCESS
+    global _drv, _SUCCESS, _RETRY_IN_OUR_CONTEXT
     if _drv is None:
         from cuda.bindings import driver
 
         _drv, _SUCCESS = driver, driver.CUresult.CUDA_SUCCESS
+        codes = driver.CUresult
+        _RETRY_IN_OUR_CONTEXT = (codes.CUDA_ERROR_INVALID_CONTEXT, codes.CUDA_ERROR_INVALID_HANDLE,
+                                 codes.CUDA_ERROR_CONTEXT_IS_DESTROYED)
     return _drv
 
 
@@ -183,21 +189,20 @@ class Launcher:
                 config.gridDimX, config.gridDimY, config.gridDimZ = grid
                 config.blockDimX, config.blockDimY, config.blockDimZ = block
                 config.sharedMemBytes, config.hStream = smem, stream
-                (err,) = _drv.cuLaunchKernelEx(config, self.function, self._params, 0)
-            else:
-                (err,) = _drv.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1],
-                                             block[2], smem, stream, self._params, 0)
-        if err != _SUCCESS:
-            params = (tuple(args), self.types)
-            driver = _drv
-            # The thread's current context may belong to another device: retry inside ours.
-            if err in (driver.CUresult.CUDA_ERROR_INVALID_CONTEXT, driver.CUresult.CUDA_ERROR_INVALID_HANDLE,
-                       driver.CUresult.CUDA_ERROR_CONTEXT_IS_DESTROYED):
+            err = self._launch(config, grid, block, smem, stream)
+            if err != _SUCCESS and err in _RETRY_IN_OUR_CONTEXT:
+                # The thread's current context belongs to another device: retry inside ours, with the
+                # parameters still in place (hence inside the lock).
                 with device_context(self.device_index):
-                    check(driver.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1],
-                                                block[2], smem, stream, params, 0), f"launch {self.name}")
-                return
+                    err = self._launch(config, grid, block, smem, stream)
+        if err != _SUCCESS:
             check((err,), f"launch {self.name} grid={grid} block={block} smem={smem}")
+
+    def _launch(self, config, grid, block, smem, stream):
+        if config:
+            return _drv.cuLaunchKernelEx(config, self.function, self._params, 0)[0]
+        return _drv.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                   stream, self._params, 0)[0]
 
     def _make_pdl_config(self):
         """A reusable launch configuration asking for programmatic stream serialisation (sm_90+)."""

@@ -63,6 +63,9 @@ def fake(monkeypatch):
     driver = FakeDriver()
     monkeypatch.setattr(runtime, "_drv", driver)
     monkeypatch.setattr(runtime, "_SUCCESS", CUresult.CUDA_SUCCESS)
+    monkeypatch.setattr(runtime, "_RETRY_IN_OUR_CONTEXT", (CUresult.CUDA_ERROR_INVALID_CONTEXT,
+                                                           CUresult.CUDA_ERROR_INVALID_HANDLE,
+                                                           CUresult.CUDA_ERROR_CONTEXT_IS_DESTROYED))
     monkeypatch.setattr(runtime, "_driver", lambda: driver)
     monkeypatch.setattr(runtime, "primary_context", lambda index: f"ctx{index}")
     monkeypatch.setattr(runtime, "_raw_stream", lambda index: 1234 + index)
@@ -91,9 +94,10 @@ def test_launch_from_another_devices_context_retries_inside_ours(fake):
     launch = runtime.Launcher("k", b"cubin", "entry", ("i64", "f32", "ptr", "struct"), 1)
     fake.calls.clear()
     fake.fail_next = [CUresult.CUDA_ERROR_INVALID_CONTEXT]
-    launch((1, 1, 1), (32, 1, 1), (4, 1.0, 16, Table(1, 2)))
+    launch((1, 1, 1), (32, 1, 1), (4, 1.0, None, Table(1, 2)))  # a null pointer argument too
     assert fake.calls == [("push", "ctx1"), ("pop",)]
     assert len(fake.launches) == 2
+    assert fake.launches[1][4][:3] == (4, 1.0, None)  # the retry passes the same parameters
 
 
 def test_other_launch_errors_raise_with_the_kernels_name(fake):
