@@ -96,3 +96,18 @@ def preset_constants(prewarm):
             if (kernel, constants) not in seen:
                 seen.append((kernel, constants))
     return seen
+
+
+def assert_same(a, b, path="out"):
+    """Nested outputs (tensors, tuples, None) equal bit for bit: shapes, dtypes, devices, values."""
+    if a is None or b is None:
+        assert a is None and b is None, path
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, path
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), f"{path}: values differ"

@@ -4,24 +4,14 @@ captured whole, forward and backward in one graph (PyTorch's whole-network patte
 import pytest
 import torch
 
+from helpers import assert_same
 from linghe.reference import make_row_id_map
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
 
 
-def _same(a, b, path="out"):
-    if a is None or b is None:
-        assert a is None and b is None, path
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a.shape == b.shape and a.dtype == b.dtype, path
-        if a.dtype == torch.float8_e4m3fn:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        assert torch.equal(a, b), f"{path}: replay differs from eager"
+_same = assert_same  # bit for bit: shapes, dtypes, devices, values
 
 
 def graph_matches_eager(make, fn):

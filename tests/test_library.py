@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from helpers import assert_same
+
 FP8, F32, BF16, I64 = torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.int64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -401,18 +403,7 @@ def test_opcheck(label):
 
 
 # ---- GPU: compiled (inductor, fullgraph) vs eager ---------------------------------------------------
-def _same(a, b, path="out"):
-    if a is None or b is None:
-        assert a is None and b is None, path
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, path
-        if a.dtype == FP8:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        assert torch.equal(a, b), f"{path}: compiled differs from eager"
+_same = assert_same  # bit for bit: shapes, dtypes, devices, values
 
 
 def _compile_cases(d):

@@ -99,13 +99,19 @@ def test_reference_shards_match_unsharded():
 
 
 # ---- CPU: the combine over 2 gloo ranks ---------------------------------------------------------
-def _gloo_worker(rank, world, store):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+def _run_rank(backend, checks, timeout, rank, world, store):
+    """One spawned rank: join the file-store group, run `checks(rank, world, group)`, leave."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
     try:
-        _gloo_checks(rank, world, dist.new_group(list(range(world))))
+        checks(rank, world, dist.new_group(list(range(world))))
     finally:
         dist.destroy_process_group()
+
+
+def _gloo_worker(rank, world, store):
+    _run_rank("gloo", _gloo_checks, timedelta(seconds=60), rank, world, store)
 
 
 def _gloo_checks(rank, world, group):
@@ -217,13 +223,7 @@ def test_shard_kernel_unsharded_is_plain_forward():
 
 # ---- GPU, NCCL: the whole Function over a process group -----------------------------------------
 def _nccl_worker(rank, world, store):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=3))
-    try:
-        _nccl_checks(rank, world, dist.new_group(list(range(world))))
-    finally:
-        dist.destroy_process_group()
+    _run_rank("nccl", _nccl_checks, timedelta(minutes=3), rank, world, store)
 
 
 def _nccl_checks(rank, world, group):
