@@ -530,3 +530,27 @@ def test_compiled_autograd_function_matches_eager(label):
     got, want = step(compiled), step(fn)
     assert graphs == [ops]
     _same(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("label", ["QkNormHalfRopeFunction", "GroupNormGateFunction", "FusedFp32GEMM",
+                                   "SoftmaxCrossEntropyFunction"])
+def test_reduce_overhead_compile_replays_graphs_like_eager(label):
+    """torch.compile(mode="reduce-overhead"): inductor records the forward and backward graphs (with
+    linghe's launches, PDL ones included) into CUDA graphs and replays them; three steps on new
+    values each give eager's outputs and gradients bit for bit."""
+    fn, diff, others, grads, _ = _function_cases()[label]
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+
+    def step(f, d):
+        leaves = [d[n].clone().requires_grad_() for n in diff]
+        outs = f(*leaves, *[d[n] for n in others])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [d[n] for n in grads])
+        return [o.detach().clone() for o in outs] + [t.grad.clone() for t in leaves]
+
+    base = _gpu_inputs()
+    for k in range(3):  # the first runs warm up and record; the later ones replay on new values
+        d = {n: (t * (1 + 0.25 * k) if t.is_floating_point() else t) if isinstance(t, torch.Tensor) else t
+             for n, t in base.items()}
+        _same(step(compiled, d), step(fn, d), f"step {k}")
