@@ -186,6 +186,11 @@ def test_compile_path_errors(compiling):
     with pytest.raises(ValueError, match="out must have shape"):
         norm.triton_rms_norm_and_block_quant_forward(x, torch.empty(1024, device="cuda"),
                                                      out=torch.empty(300, 512, dtype=FP8, device="cuda"))
+    from linghe.facade.loss import SoftmaxCrossEntropyFunction
+
+    with pytest.raises(NotImplementedError, match="tp_group is not supported under torch.compile"):
+        SoftmaxCrossEntropyFunction.apply(torch.empty(4, 64, dtype=BF16, device="cuda"),
+                                          torch.zeros(4, dtype=torch.int64, device="cuda"), False, object())
 
 
 def test_caller_buffers_are_written_and_returned(compiling):
