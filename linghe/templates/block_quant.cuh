@@ -37,11 +37,6 @@ template <bool ROUND> struct Divider {
     __device__ __forceinline__ float operator()(float v) const { return v * inv; }
 };
 
-__device__ __forceinline__ void st16_shared(void* smem, const vec16& v) {
-    const u32 a = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" :: "r"(a), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3]) : "memory");
-}
-
 // Four fp32 values to four e4m3 codes (round to nearest even, saturating), a in the lowest byte.
 __device__ __forceinline__ u32 fp8x4(float a, float b, float c, float d) {
     u16 lo, hi;

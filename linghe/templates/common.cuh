@@ -149,6 +149,11 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory");
 }
+__device__ __forceinline__ void st16_shared(void* smem, const vec16& v) {
+    const u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" :: "r"(a), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3]) : "memory");
+}
+
 __device__ __forceinline__ vec16 ld16_shared(const void* smem) {
     vec16 v; const u32 a = (u32)__cvta_generic_to_shared(smem);
     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "r"(a));

@@ -15,4 +15,5 @@ def _copy_case(name, nbytes):
 def cases():
     return [_copy_case("(rope forward's bytes)", 2 * 4096 * 2 * 3072 * 2),
             _copy_case("(GroupNormGate backward's bytes)", 167_780_352),
-            _copy_case("(rms_norm mode 2's bytes)", 68_194_304)]
+            _copy_case("(rms_norm mode 2's bytes)", 68_194_304),
+            _copy_case("(rms_norm mode 0's bytes)", 50_855_936)]
