@@ -103,9 +103,10 @@ template <typename X, typename G, int VEC> struct Stash {
 };
 
 // ---- math -------------------------------------------------------------------------
-// sigma(a) with the accurate expf and a correctly rounded reciprocal: the approximate ex2/rcp
-// pair put round_scale=False scales of the backward ~20 ulp off the float64 reference (SPEC §3.3
-// allows a few). Written without branches: IEEE 1/x carries a slow-path branch per element,
+// sigma(a) with the accurate expf and a correctly rounded reciprocal. (An earlier backward with the
+// approximate ex2/rcp pair and the form 1 + a * (1 - sigma) was ~20 ulp off the float64 reference;
+// with the forms below the MUFU variants further down pass the same tests on the H200 and are the
+// defaults, FWD_/BWD_FAST_SIGMOID in utils/silu.py.) Written without branches: IEEE 1/x carries a slow-path branch per element,
 // and those branch regions kept the compiler from overlapping the elements' MUFU latencies
 // (1.25x on the H200). With t = e^-|a| in (0, 1], d = 1 + t lies in [1, 2], where MUFU.RCP plus
 // one Newton step (the fast path of __frcp_rn) is the correctly rounded 1/d. For a >= 0,
@@ -138,6 +139,15 @@ __device__ __forceinline__ float silu_fast(float a) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(a * -1.4426950408889634f));
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
     return a * r;
+}
+// silu_sigmoid_grad from the MUFU approximations of e^x and 1/x (same cancellation-free forms).
+__device__ __forceinline__ void silu_sigmoid_grad_fast(float a, float& sg, float& u) {
+    float t, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fabsf(a) * -1.4426950408889634f));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
+    const float tr = t * r;
+    sg = a >= 0.0f ? r : tr;
+    u = a >= 0.0f ? fmaf(a, tr, 1.0f) : ((1.0f + a) + t) * r;
 }
 __device__ __forceinline__ float silu_sigmoid(float a) {
     const float t = expf(-fabsf(a));

@@ -23,6 +23,8 @@ SEGMENT_BYTES = 12        # per expert + 1 in the batched kernels: i64 row start
 # Forward SiLU from the MUFU approximations of e^x and 1/x (silu_helpers.cuh: silu_fast) instead of
 # the accurate expf and a correctly rounded reciprocal.
 FWD_FAST_SIGMOID = True
+# Backward: the same approximations in the sigmoid and derivative factor (silu_sigmoid_grad_fast).
+BWD_FAST_SIGMOID = True
 # Deepest cp.async pipeline (a stage is one tile of every input) of the plain and the batched kernels;
 # the batched ones also keep room for the segment table of FAST_EXPERTS experts.
 MAX_STAGES, MAX_BATCH_STAGES = 2, 2   # 3 (one TileQuant buffer) measured no faster: 35.2 vs 35.4 µs
@@ -68,7 +70,8 @@ def _geometry(kind, DTYPE, GDTYPE):
 def _context(kind, **overrides):
     def context(N, DTYPE, ROUND_SCALE, GDTYPE=None):
         t = _layout(kind, DTYPE, GDTYPE or DTYPE, **overrides)
-        return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, "FAST_SIGMOID": FWD_FAST_SIGMOID, **{k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}}
+        return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, "FAST_SIGMOID": FWD_FAST_SIGMOID,
+                "BWD_FAST_SIGMOID": BWD_FAST_SIGMOID, **{k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}}
     return context
 
 
