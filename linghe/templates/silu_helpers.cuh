@@ -64,7 +64,9 @@ template <typename E, int THREADS> __device__ __forceinline__ void stage_tile(
 template <typename X, typename G, int VEC> struct Stash {
     static constexpr int XTILE = 128 * 128 * X::BYTES;
     static_assert(VEC * (X::BYTES == 4 || G::BYTES == 4 ? 4 : 2) == 16, "16 bytes per slot");
-    __device__ static u8* a_slot(u8* tile, int row, int c) { return tile + row * (128 * X::BYTES) + c * (VEC * X::BYTES); }
+    __device__ static u8* a_slot(u8* tile, int row, int c) {
+        return tile + row * (128 * X::BYTES) + c * (VEC * X::BYTES);
+    }
     __device__ static u8* g_slot(u8* tile, int row, int c) {
         return tile + 2 * XTILE + row * (128 * G::BYTES) + c * (VEC * G::BYTES);
     }

@@ -73,8 +73,9 @@ def _geometry(kind, DTYPE, GDTYPE):
 def _context(kind, **overrides):
     def context(N, DTYPE, ROUND_SCALE, GDTYPE=None):
         t = _layout(kind, DTYPE, GDTYPE or DTYPE, **overrides)
+        tiling = {k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}
         return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, "FAST_SIGMOID": FWD_FAST_SIGMOID,
-                "BWD_FAST_SIGMOID": BWD_FAST_SIGMOID, **{k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}}
+                "BWD_FAST_SIGMOID": BWD_FAST_SIGMOID, **tiling}
     return context
 
 
@@ -217,8 +218,8 @@ def triton_silu_and_block_quant_forward(x, out=None, scale=None, round_scale=Fal
     items = V.cdiv(M, 128) * (n // 128)
     grid = min(items, slots)
     launch((grid, 1, 1), (threads, 1, 1),
-           (x.data_ptr(), 0, 0, 0, q.data_ptr(), s.data_ptr(), qt.data_ptr(), st.data_ptr(), 0, M, items, 1, 0, 4, output_mode,
-            _strided(grid, n // 128, M, 1)), smem)
+           (x.data_ptr(), 0, 0, 0, q.data_ptr(), s.data_ptr(), qt.data_ptr(), st.data_ptr(), 0, M, items, 1, 0, 4,
+            output_mode, _strided(grid, n // 128, M, 1)), smem)
     return q, s, qt, st
 
 
