@@ -2,11 +2,7 @@
 # A/B timing on the device machine, baseline against variants in alternating fresh processes:
 #   tools/ab.sh "<bench args>" ROUNDS "<--set overrides of variant 1>" ["<variant 2>" ...]
 set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 LINGHE_CACHE_DIR=/tmp/linghe-cache
+source tools/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
 bench=$1; rounds=$2; shift 2

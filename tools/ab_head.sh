@@ -2,10 +2,7 @@
 # The benchmark of a baseline tree (_head/, e.g. `git archive HEAD | tar -x -C _head`) against this
 # tree, alternating in fresh processes: tools/ab_head.sh "<bench args>" ROUNDS
 set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONUNBUFFERED=1 LINGHE_CACHE_DIR=/tmp/linghe-cache
+source tools/device_env.sh
 for r in $(seq 1 "$2"); do
   for tree in _head .; do
     echo "== round $r tree $tree"

@@ -1,17 +1,11 @@
 #!/bin/bash
 # One call on the device machine: GPU tests, then the benchmark. Usage:
 #   tools/gpu_run.sh "<pytest args>" "<bench args>"
-# Wheels missing there (platformdirs) travel in .whl/ (see README "Development").
 set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+source tools/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)"
-export LINGHE_CACHE_DIR=/tmp/linghe-cache
 if [ -n "$1" ]; then
   eval timeout 420 python3 -m pytest "$1" 2>&1 | tee "$OUT/pytest.log" | grep -v "^$" | tail -60
 fi
