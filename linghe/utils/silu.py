@@ -74,7 +74,7 @@ def _context(kind, **overrides):
     def context(N, DTYPE, ROUND_SCALE, GDTYPE=None):
         t = _layout(kind, DTYPE, GDTYPE or DTYPE, **overrides)
         tiling = {k: t[k] for k in ("VEC", "RPT", "STAGES", "TQBUF", "SHARED_BYTES", "MIN_BLOCKS")}
-        return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, "FAST_SIGMOID": FWD_FAST_SIGMOID,
+        return {"KIND": kind, "GDTYPE": GDTYPE or DTYPE, "FWD_FAST_SIGMOID": FWD_FAST_SIGMOID,
                 "BWD_FAST_SIGMOID": BWD_FAST_SIGMOID, **tiling}
     return context
 
