@@ -1,12 +1,15 @@
 #!/bin/bash
 # The benchmark of a baseline tree (_head/, e.g. `git archive HEAD | tar -x -C _head`) against this
-# tree, alternating in fresh processes: tools/ab_head.sh "<bench args>" ROUNDS
+# tree, alternating in fresh processes; optional further variants of this tree as --set overrides:
+#   tools/ab_head.sh "<bench args>" ROUNDS ["<--set overrides of variant 1>" ...]
 set -o pipefail
 source tools/device_env.sh
-for r in $(seq 1 "$2"); do
-  for tree in _head .; do
-    echo "== round $r tree $tree"
-    (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 tools/bench.py $1 --out /dev/null 2>&1 \
+bench=$1; rounds=$2; shift 2
+for r in $(seq 1 "$rounds"); do
+  for spec in "_head|" ".|" "${@/#/.|}"; do
+    tree=${spec%%|*}; extra=${spec#*|}
+    echo "== round $r tree $tree ${extra}"
+    (cd "$tree" && eval PYTHONPATH=$PWD:/tmp/site python3 tools/bench.py $bench $extra --out /dev/null 2>&1 \
       | grep -v "^set \|Warn\|cpu =\|^ \|^{\|^}" | sed 's/^/  /')
   done
 done
