@@ -120,13 +120,25 @@ __device__ __forceinline__ float rcp_1_2(float d) {   // correctly rounded 1/d f
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
     return fmaf(r, fmaf(-d, r, 1.0f), r);
 }
+// t = e^-|a| (e^a for a < 0, e^-a otherwise) and r = 1 / (1 + t): with the accurate expf and the
+// correctly rounded reciprocal, or (FAST) from the MUFU approximations of e^x and 1/x.
+template <bool FAST> __device__ __forceinline__ void exp_neg_abs_and_rcp(float a, float& t, float& r) {
+    if (FAST) {
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fabsf(a) * -1.4426950408889634f));
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
+    } else {
+        t = expf(-fabsf(a));
+        r = rcp_1_2(1.0f + t);
+    }
+}
 // sigma(a) and the SiLU derivative factor u = 1 + a * (1 - sigma(a)) (silu'(a) = sigma * u).
 // u crosses zero near a = -1.28, where 1 + a*(1 - sigma) cancels and the few-ulp error of the
 // exponential becomes ~20 ulp of u. For a < 0 the factor is computed as ((1 + a) + e^a) / (1 + e^a)
 // instead: 1 + a is exact there (Sterbenz) and only e^a's own error remains, ~4x less near the zero.
-__device__ __forceinline__ void silu_sigmoid_grad(float a, float& sg, float& u) {
-    const float t = expf(-fabsf(a));              // e^a for a < 0, e^-a otherwise
-    const float r = rcp_1_2(1.0f + t);
+// FAST: the MUFU approximations (the same cancellation-free forms).
+template <bool FAST> __device__ __forceinline__ void silu_sigmoid_grad(float a, float& sg, float& u) {
+    float t, r;
+    exp_neg_abs_and_rcp<FAST>(a, t, r);
     const float tr = t * r;
     sg = a >= 0.0f ? r : tr;
     u = a >= 0.0f ? fmaf(a, tr, 1.0f) : ((1.0f + a) + t) * r;
@@ -142,18 +154,9 @@ __device__ __forceinline__ float silu_fast(float a) {
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
     return a * r;
 }
-// silu_sigmoid_grad from the MUFU approximations of e^x and 1/x (same cancellation-free forms).
-__device__ __forceinline__ void silu_sigmoid_grad_fast(float a, float& sg, float& u) {
-    float t, r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fabsf(a) * -1.4426950408889634f));
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + t));
-    const float tr = t * r;
-    sg = a >= 0.0f ? r : tr;
-    u = a >= 0.0f ? fmaf(a, tr, 1.0f) : ((1.0f + a) + t) * r;
-}
 __device__ __forceinline__ float silu_sigmoid(float a) {
-    const float t = expf(-fabsf(a));
-    const float r = rcp_1_2(1.0f + t);
+    float t, r;
+    exp_neg_abs_and_rcp<false>(a, t, r);
     return a >= 0.0f ? r : t * r;
 }
 

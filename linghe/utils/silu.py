@@ -23,7 +23,7 @@ SEGMENT_BYTES = 12        # per expert + 1 in the batched kernels: i64 row start
 # Forward SiLU from the MUFU approximations of e^x and 1/x (silu_helpers.cuh: silu_fast) instead of
 # the accurate expf and a correctly rounded reciprocal.
 FWD_FAST_SIGMOID = True
-# Backward: the same approximations in the sigmoid and derivative factor (silu_sigmoid_grad_fast).
+# Backward: the same approximations in the sigmoid and derivative factor (silu_sigmoid_grad<true>).
 BWD_FAST_SIGMOID = True
 # Work order of the persistent CTAs (the kernels' last argument): "auto" (see _strided), True (CTA b
 # takes items b, b + grid, ...) or False (a contiguous run of items per CTA).
