@@ -2,16 +2,15 @@
 
     python3 tools/host_parts.py
 
-Each line: median µs per call over chunks of calls (the device is synchronised between chunks, outside
-the timing). Compare the pieces with the whole wrapper (last lines) to see what a change can gain.
+Each line: median µs per call over chunks of calls (overhead.host_us: the device is synchronised
+between chunks, outside the timing). Compare the pieces with the whole wrapper (last lines) to see
+what a change can gain.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -21,21 +20,8 @@ from linghe import _validate as V  # noqa: E402
 from linghe import runtime  # noqa: E402
 from linghe.utils import norm  # noqa: E402
 
-CHUNK, CHUNKS = 200, 30
-
-
-def host_us(fn) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(CHUNKS):
-        start = time.perf_counter()
-        for _ in range(CHUNK):
-            fn()
-        per_call.append((time.perf_counter() - start) / CHUNK * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per_call)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import host_us  # noqa: E402  (median µs per call over chunks, device synced between)
 
 
 def main():
