@@ -4,7 +4,7 @@
 
 Each line: median µs per call over chunks of calls (overhead.host_us: the device is synchronised
 between chunks, outside the timing). Compare the pieces with the whole wrapper (last lines) to see
-what a change can gain.
+what a change can gain. (tools/host_profile.py profiles one op's call with cProfile.)
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main():
     raw_launch.restype = ctypes.c_int
     raw_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
     fn_handle = int(launch.function)
-    launch(((1, 1, 1)), (threads, 1, 1), args)  # fills the parameter slots
+    launch((1, 1, 1), (threads, 1, 1), args)  # fills the parameter slots
     params = launch._params
     stream = runtime._raw_stream(0)
 
@@ -73,16 +73,6 @@ def main():
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
     for name, fn in pieces.items():
         print(f"{host_us(fn):8.2f} µs  {name}", flush=True)
-
-    import cProfile
-    import pstats
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(2000):
-        norm.triton_rms_norm_and_block_quant_forward(x, w, output_mode=2)
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":
