@@ -5,7 +5,7 @@
 // with fp32 accumulation. An operand is "K-major" when k is its contiguous index in memory
 // and "MN-major" when m (for A) or n (for B) is.
 #pragma once
-#include "common.cuh"
+#include "mbarrier.cuh"
 
 // ---- asynchronous global -> shared copies -------------------------------------
 // (cp_async_commit / cp_async_wait<N> come from common.cuh.)
@@ -97,24 +97,10 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
 
-// ---- TMA and mbarriers (sm_90) ---------------------------------------------------
+// ---- TMA and mbarriers (sm_90; mbar_init/expect_tx/wait come from mbarrier.cuh) ---
 // A CUtensorMap (128 opaque bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
 struct __align__(64) TmaDesc { u64 w[16]; };
 
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-// Make the initialised barriers visible to the async proxy (TMA) and to the other CTAs of the cluster.
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-// Spin until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as complete).
-// The loop lives inside one asm block: no data-dependent branch for the compiler to call divergent.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
-                 :: "r"(bar), "r"(parity) : "memory");
-}
 // Arrive on the barrier at the same shared offset in CTA `rank` of the cluster (this CTA included).
 template <int CLUSTER> __device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 rank) {
     if constexpr (CLUSTER == 1) {
