@@ -357,6 +357,22 @@ def test_other_dtypes(dtype, wdtype, D, duplicated):
 
 
 @pytest.mark.gpu
+def test_forward_weights_mixed_dtypes_and_offset_views():
+    # The forward reads the norm weights as 16-byte vectors: q and k weights of different dtypes, and
+    # weights that are views off 16-byte alignment (copied first), give the reference's results.
+    S, B, H, h, D, eps = 21, 3, 8, 2, 64, 1e-6
+    qkv, qw, _, f = _inputs(S, B, H, h, D, seed=31)
+    kw = (1 + 0.5 * torch.randn(D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)))
+    outs = qk_norm_half_rope_forward(qkv, qw, kw, f, H, h, eps)  # bf16 q weights, fp32 k weights
+    _check_forward(outs, qkv, qw, kw, f, H, h, eps)
+    qw_off = torch.cat([qw[:1], qw])[1:]
+    kw_off = torch.cat([kw[:1], kw])[1:]
+    assert qw_off.data_ptr() % 16 and kw_off.data_ptr() % 16
+    for a, b in zip(qk_norm_half_rope_forward(qkv, qw_off, kw_off, f, H, h, eps), outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_narrow_vectors_and_mixed_grad_dtype():
     # D = 12: D/4 = 3 lanes, so 2-byte scalar vectors; fp32 grads with an fp16 qkv.
     S, B, H, h, D, eps = 9, 2, 3, 1, 12, 1e-6

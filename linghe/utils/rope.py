@@ -172,6 +172,13 @@ def _vector_ready(x: torch.Tensor, vec: int):
     return x, st
 
 
+def _aligned_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` contiguous and 16-byte aligned (the forward reads the weights as 16-byte vectors); a copy
+    only for an offset view."""
+    w = w.contiguous()
+    return w if w.data_ptr() % 16 == 0 else w.clone()
+
+
 # ---------------------------------------------------------------- API -------
 def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=4, eps=1e-6):
     """Split ``qkv`` [S, B, (H+2h)*D] into heads, RMS-normalise q and k heads, rotate their first D/2 lanes.
@@ -193,7 +200,7 @@ def qk_norm_half_rope_forward(qkv, q_norm_weight, k_norm_weight, freqs, H=32, h=
     if tokens == 0:
         return q, k, v
     x, st = _vector_ready(qkv, plan["VEC"])
-    qw, kw, f = q_norm_weight.contiguous(), k_norm_weight.contiguous(), freqs.contiguous()
+    qw, kw, f = _aligned_weight(q_norm_weight), _aligned_weight(k_norm_weight), freqs.contiguous()
     tag = V.DTYPE_TAG
     launch = ROPE_FWD.launcher(device, H, h, D, tag[x.dtype], tag[qw.dtype], tag[kw.dtype])
     tok = _fwd_context(H, h, D, tag[x.dtype], tag[qw.dtype], tag[kw.dtype])["TOK"]
