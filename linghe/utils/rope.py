@@ -173,10 +173,9 @@ def _vector_ready(x: torch.Tensor, vec: int):
 
 
 def _aligned_weight(w: torch.Tensor) -> torch.Tensor:
-    """``w`` contiguous and 16-byte aligned (the forward reads the weights as 16-byte vectors); a copy
-    only for an offset view."""
-    w = w.contiguous()
-    return w if w.data_ptr() % 16 == 0 else w.clone()
+    """``w`` dense and 16-byte aligned (the forward reads the weights as 16-byte vectors); a copy only
+    for a strided or offset view."""
+    return _vector_ready(w, 16 // w.element_size())[0]
 
 
 # ---------------------------------------------------------------- API -------
